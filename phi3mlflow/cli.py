@@ -1,0 +1,93 @@
+"""Command-line plumbing shared by the steps: argument types that reject bad values with one line
+naming the parameter, before any model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from phi3mlflow.tiny import BUILTIN_MODEL
+
+# A hub id: "name" or "org/name", no leading dot or slash.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class StepParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(parameter: str, message: str) -> None:
+    """Exit with the one-line error for a value that is only found bad after parsing."""
+    sys.stderr.write(f"error: {parameter}: {message}\n")
+    raise SystemExit(2)
+
+
+def true_false(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return v == "true"
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {n}")
+    return n
+
+
+def non_negative_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return x
+
+
+def unit_interval(value: str) -> float:
+    x = non_negative_float(value)
+    if x > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return x
+
+
+def model_source(value: str) -> str:
+    """Validate ``--model``: the built-in model, an existing local folder, or a hub id.
+
+    Anything that looks like a path (absolute, ``./``, ``../``, ``~``) must exist and hold a
+    ``config.json``; hub ids are passed through (only users with hub access can use them).
+    """
+    value = value.strip()
+    if value == BUILTIN_MODEL:
+        return value
+    path = Path(value).expanduser()
+    if value.startswith(("/", "./", "../", "~")) or path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"no such model directory: {value}")
+        if not (path / "config.json").exists():
+            raise argparse.ArgumentTypeError(f"{value} has no config.json (not a Hugging Face model folder)")
+        return str(path.resolve())
+    if not _HUB_ID.match(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither {BUILTIN_MODEL}, an existing directory nor a hub id like org/name"
+        )
+    return value
+
+
+def resolve_model_dir(source: str) -> str:
+    """What ``from_pretrained`` takes for a validated ``--model``: builds the built-in model on demand."""
+    if source == BUILTIN_MODEL:
+        from phi3mlflow.tiny import builtin_model_dir
+
+        return str(builtin_model_dir())
+    return source

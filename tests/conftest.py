@@ -1,0 +1,129 @@
+"""Shared fixtures: a real ``mlflow server`` on a free loopback port, the built-in model cache,
+and a helper that runs entry points through the real ``mlflow run`` CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One built-in model cache for the session, so the model is built once and reused."""
+    path = Path(os.environ.get("PHI3MLFLOW_TEST_CACHE") or tmp_path_factory.mktemp("model-cache"))
+    os.environ["PHI3MLFLOW_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def builtin_dir(model_cache) -> Path:
+    from phi3mlflow.tiny import builtin_model_dir
+
+    return builtin_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory, model_cache):
+    """A real tracking server (SQLite backend, local artifacts), stopped by PID at the end."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port),
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+class MlflowRun:
+    """``mlflow run`` of this project against the test server; ``.run_id`` and ``.run`` after."""
+
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.proc = proc
+        self.output = proc.stdout + proc.stderr
+        ids = re.findall(r"Run \(ID '([0-9a-f]+)'\)", self.output)
+        self.run_id = ids[-1] if ids else None
+
+    @property
+    def run(self):
+        import mlflow
+
+        return mlflow.get_run(self.run_id)
+
+
+@pytest.fixture(scope="session")
+def mlflow_run(tracking_uri):
+    def run(entry_point: str, params: dict | None = None, experiment: str = "tests", uri: str = str(ROOT),
+            extra: list[str] | None = None, check: bool = True, timeout: int = 900) -> MlflowRun:  # fmt: skip
+        cmd = [sys.executable, "-m", "mlflow", "run", uri, "-e", entry_point, "--env-manager", "local",
+               "--experiment-name", experiment]  # fmt: skip
+        for k, v in (params or {}).items():
+            cmd += ["-P", f"{k}={v}"]
+        proc = subprocess.run(
+            cmd + (extra or []), capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+        )
+        result = MlflowRun(proc)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"mlflow run -e {entry_point} failed:\n{result.output[-6000:]}")
+        return result
+
+    return run
+
+
+def run_step(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m steps.<module>`` directly, as an entry point's command does."""
+    return subprocess.run(
+        [sys.executable, "-m", f"steps.{module}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32_dir(builtin_dir) -> Path:
+    from phi3mlflow.onnx_export import export
+
+    return export(str(builtin_dir), "fp32")

@@ -37,7 +37,7 @@ def test_logged_model_answers_in_chat_completion_schema(chat_run):
 
 
 def test_logged_model_carries_pinned_requirements_without_torchvision(chat_run):
-    local = mlflow.artifacts.download_artifacts(chat_run.run.data.tags["model_uri"] + "/requirements.txt")
+    local = mlflow.pyfunc.get_model_dependencies(chat_run.run.data.tags["model_uri"])
     reqs = open(local).read()
     assert "transformers==" in reqs and "torch==" in reqs
     assert "torchvision" not in reqs

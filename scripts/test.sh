@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the test suite in a virtual environment made from the requirements files.
+# VENV picks the environment's folder (default .venv); it is created when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+export MLFLOW_DISABLE_TELEMETRY=true
+export PATH="$PWD/$VENV/bin:$PATH"
+"$VENV/bin/python" -m ruff check .
+exec "$VENV/bin/python" -m pytest -q "$@"

@@ -1,0 +1,162 @@
+"""Text generation on onnxruntime-genai (0.18 API), shared by the ONNX pyfunc and the benchmarks.
+
+The model and tokenizer are loaded once; every request gets its own ``GeneratorParams`` and
+``Generator``, so concurrent requests never share search state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SENTINEL = "\x00PROMPT\x00"
+
+
+class InvalidRequest(ValueError):
+    """A request the model cannot serve; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    do_sample: bool = False
+
+    @classmethod
+    def from_params(cls, params: dict | None, defaults: SearchOptions) -> SearchOptions:
+        params = params or {}
+        try:
+            opts = cls(
+                max_new_tokens=_as_int(params.get("max_new_tokens", defaults.max_new_tokens), "max_new_tokens"),
+                temperature=_as_float(params.get("temperature", defaults.temperature), "temperature"),
+                top_p=_as_float(params.get("top_p", defaults.top_p), "top_p"),
+                do_sample=_as_bool(params.get("do_sample", defaults.do_sample), "do_sample"),
+            )
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(str(e)) from None
+        if opts.max_new_tokens <= 0:
+            raise InvalidRequest(f"max_new_tokens must be > 0, got {opts.max_new_tokens}")
+        if not 0 <= opts.temperature < float("inf"):
+            raise InvalidRequest(f"temperature must be >= 0, got {opts.temperature}")
+        if not 0 < opts.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {opts.top_p}")
+        return opts
+
+
+def _as_int(v, name):
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {v!r}") from None
+
+
+def _as_float(v, name):
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+
+
+def _as_bool(v, name):
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        return bool(v)
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def default_threads() -> int:
+    """All cores this process may use; ORT GenAI would otherwise run on one intra-op thread."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class GenAIChat:
+    """An ORT GenAI model folder behind a prompt-in, text-out interface."""
+
+    def __init__(self, folder: str | Path, intra_op_num_threads: int = 0):
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.folder = Path(folder)
+        self.threads = int(intra_op_num_threads) or default_threads()
+        config = og.Config(str(self.folder))
+        overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}
+        config.overlay(json.dumps(overlay))
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        genai_config = json.loads((self.folder / "genai_config.json").read_text())
+        self.context_length = int(genai_config["model"]["context_length"])
+        # The text the template puts before a user turn (e.g. "<|user|>"): a prompt that already
+        # contains it was formatted by the caller and is passed through untouched.
+        probe = self.tokenizer.apply_chat_template(
+            json.dumps([{"role": "user", "content": SENTINEL}]), add_generation_prompt=True
+        )
+        self.user_marker = probe.split(SENTINEL, 1)[0].strip()
+
+    def format_prompt(self, prompt: str) -> str:
+        if self.user_marker and self.user_marker in prompt:
+            return prompt
+        return self.tokenizer.apply_chat_template(
+            json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True
+        )
+
+    def encode(self, prompt) -> list[int]:
+        if not isinstance(prompt, str):
+            raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise InvalidRequest("prompt must not be empty")
+        ids = self.tokenizer.encode(self.format_prompt(prompt))
+        if len(ids) >= self.context_length:
+            raise InvalidRequest(
+                f"prompt is {len(ids)} tokens long; the model's context is {self.context_length} tokens"
+            )
+        return ids
+
+    def _generator(self, ids, opts: SearchOptions):
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        search = {"max_length": min(self.context_length, len(ids) + opts.max_new_tokens)}
+        if opts.do_sample and opts.temperature > 0:
+            search.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p)
+        else:
+            search.update(do_sample=False)
+        params.set_search_options(**search)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        return generator
+
+    def generate_ids(self, ids, opts: SearchOptions) -> list[int]:
+        generator = self._generator(ids, opts)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return list(generator.get_sequence(0)[len(ids) :])
+
+    def generate(self, prompt: str, opts: SearchOptions) -> str:
+        return self.tokenizer.decode(self.generate_ids(self.encode(prompt), opts))
+
+    def stream(self, prompt: str, opts: SearchOptions) -> Iterator[str]:
+        return self.stream_ids(self.encode(prompt), opts)
+
+    def stream_ids(self, ids, opts: SearchOptions) -> Iterator[str]:
+        generator = self._generator(ids, opts)
+        decoder = self.tokenizer.create_stream()
+        eos = set(self.tokenizer.eos_token_ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = generator.get_next_tokens()[0]
+            if token in eos:
+                continue
+            chunk = decoder.decode(token)
+            if chunk:
+                yield chunk

@@ -1,0 +1,87 @@
+"""The ONNX chat model as an MLflow pyfunc, logged as code (models-from-code): nothing is pickled.
+
+``mlflow.pyfunc.log_model(python_model=<this file>, artifacts={"onnx_model": <ORT GenAI folder>},
+code_paths=[<the phi3mlflow package>], model_config={...})``. Loading runs this file, which
+hands MLflow an ``OnnxChatModel`` through ``mlflow.models.set_model``.
+
+Input: a ``prompt`` column (one answer per row); params ``max_new_tokens``, ``temperature``,
+``top_p``, ``do_sample``. A plain prompt gets the model's chat template; a prompt that already
+carries the template's markers is passed through. Output: one string per prompt.
+model_config: ``intra_op_num_threads`` (0, the default, means all available cores) and the
+default search options.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+
+from phi3mlflow.genai import GenAIChat, InvalidRequest, SearchOptions
+
+ARTIFACT_KEY = "onnx_model"
+
+
+def _invalid(message: str) -> MlflowException:
+    # INVALID_PARAMETER_VALUE makes `mlflow models serve` answer 400 rather than 500.
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class OnnxChatModel(PythonModel):
+    def load_context(self, context):
+        config = dict(context.model_config or {})
+        self.chat = GenAIChat(context.artifacts[ARTIFACT_KEY], int(config.get("intra_op_num_threads", 0)))
+        self.defaults = SearchOptions(
+            max_new_tokens=int(config.get("max_new_tokens", 64)),
+            temperature=float(config.get("temperature", 0.0)),
+            do_sample=float(config.get("temperature", 0.0)) > 0,
+        )
+
+    def _prompts(self, model_input) -> list:
+        columns = getattr(model_input, "columns", None)
+        if columns is not None:
+            if "prompt" not in columns:
+                raise _invalid("the input must have a 'prompt' field")
+            cells = list(model_input["prompt"])
+        elif isinstance(model_input, dict) and "prompt" in model_input:
+            cells = [model_input["prompt"]]
+        elif isinstance(model_input, str):
+            cells = [model_input]
+        else:
+            raise _invalid("the input must have a 'prompt' field")
+        # {"prompt": ["a", "b"]} arrives as one row holding a list: one answer per element.
+        prompts = [p for cell in cells for p in (list(cell) if isinstance(cell, list | tuple) else [cell])]
+        if not prompts:
+            raise _invalid("prompt: no prompts given")
+        return prompts
+
+    def _options(self, params) -> SearchOptions:
+        try:
+            return SearchOptions.from_params(params, self.defaults)
+        except InvalidRequest as e:
+            raise _invalid(str(e)) from None
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        opts = self._options(params)
+        prompts = self._prompts(model_input)
+        try:
+            # Validate every prompt before generating any answer.
+            ids = [self.chat.encode(p) for p in prompts]
+        except InvalidRequest as e:
+            raise _invalid(str(e)) from None
+        return [self.chat.tokenizer.decode(self.chat.generate_ids(x, opts)) for x in ids]
+
+    def predict_stream(self, context, model_input, params=None):
+        opts = self._options(params)
+        prompts = self._prompts(model_input)
+        if len(prompts) != 1:
+            raise _invalid(f"prompt: streaming takes exactly one prompt, got {len(prompts)}")
+        try:
+            ids = self.chat.encode(prompts[0])
+        except InvalidRequest as e:
+            raise _invalid(str(e)) from None
+        yield from self.chat.stream_ids(ids, opts)
+
+
+mlflow.models.set_model(OnnxChatModel())

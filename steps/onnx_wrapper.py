@@ -1,0 +1,113 @@
+"""onnx_wrapper: log the model's ONNX Runtime GenAI export as a pickle-free MLflow pyfunc.
+
+Inputs (flags, spelled like the MLproject parameters):
+  --model           builtin:tiny-phi3 (default), a hub id, or a local HF folder; exported with
+                    onnxruntime-genai's model builder (cached per source bytes and precision)
+  --precision       fp32, int8 or int4 (default): the builder's weight precision
+  --onnx_model_dir  an existing ORT GenAI folder (with genai_config.json); when set, no export runs
+  --max_new_tokens  default generation length (a request may override it)
+  --temperature     default temperature; 0 means greedy
+Outputs:
+  a logged model named ``onnx_model`` ({"prompt": ...} in, text out; models-from-code, no pickle)
+  and the run tag ``model_uri`` (``models:/<id>``) naming it.
+Logged: the parameters, tags wrapper/precision/source_model, the model with its ONNX folder as an
+artifact, its signature (with params), input example and pinned requirements (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from phi3mlflow import PACKAGE_DIR
+from phi3mlflow.cli import StepParser, model_source, non_negative_float, positive_int, resolve_model_dir
+from phi3mlflow.tiny import BUILTIN_MODEL
+
+PRECISIONS = ("fp32", "int8", "int4")
+INPUT_EXAMPLE = {"prompt": "What is the capital of Spain?"}
+
+
+def genai_folder(value: str) -> str:
+    """Validate ``--onnx_model_dir``: empty (export) or an ORT GenAI model folder."""
+    from pathlib import Path
+
+    if not value.strip():
+        return ""
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {value}")
+    if not (path / "genai_config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{value} has no genai_config.json (not an ONNX Runtime GenAI model folder)")
+    return str(path.resolve())
+
+
+def parse_args(argv=None):
+    p = StepParser(prog="onnx_wrapper", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--model", type=model_source, default=BUILTIN_MODEL)
+    p.add_argument("--precision", choices=PRECISIONS, default="int4")
+    p.add_argument("--onnx_model_dir", type=genai_folder, default="")
+    p.add_argument("--max_new_tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0)
+    return p.parse_args(argv)
+
+
+def signature(max_new_tokens: int, temperature: float):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", max_new_tokens),
+                ParamSpec("temperature", "double", temperature),
+                ParamSpec("top_p", "double", 1.0),
+                ParamSpec("do_sample", "boolean", temperature > 0),
+            ]
+        ),
+    )
+
+
+def main(args) -> str:
+    import mlflow
+
+    from phi3mlflow.onnx_export import export
+    from phi3mlflow.tracking import log_params_once, pinned
+
+    if args.onnx_model_dir:
+        folder, precision = args.onnx_model_dir, "prebuilt"
+        print(f"onnx_wrapper: using the prebuilt ORT GenAI folder {folder}", flush=True)
+    else:
+        folder, precision = export(resolve_model_dir(args.model), args.precision), args.precision
+    with mlflow.start_run():
+        log_params_once(vars(args))
+        info = mlflow.pyfunc.log_model(
+            name="onnx_model",
+            python_model=str(PACKAGE_DIR / "onnx_pyfunc.py"),
+            artifacts={"onnx_model": str(folder)},
+            code_paths=[str(PACKAGE_DIR)],
+            model_config={
+                "intra_op_num_threads": 0,
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+            },
+            signature=signature(args.max_new_tokens, args.temperature),
+            input_example=INPUT_EXAMPLE,
+            # Serving needs onnxruntime-genai, not torch.
+            pip_requirements=pinned("mlflow", "onnxruntime-genai"),
+        )
+        mlflow.set_tags(
+            {
+                "model_uri": info.model_uri,
+                "wrapper": "onnx",
+                "precision": precision,
+                "source_model": args.onnx_model_dir or args.model,
+            }
+        )
+    print(f"onnx_wrapper: logged {info.model_uri}", flush=True)
+    return info.model_uri
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))

@@ -1,0 +1,214 @@
+"""onnx_wrapper: export parity, the logged pickle-free pyfunc, validation and serving."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from phi3mlflow import tiny
+from tests.conftest import _free_port, run_step
+
+
+@pytest.fixture(scope="module")
+def int4_run(mlflow_run):
+    return mlflow_run("onnx_wrapper", {"precision": "int4", "max_new_tokens": 32}, experiment="onnx-wrapper")
+
+
+@pytest.fixture(scope="module")
+def int4_model(int4_run):
+    return mlflow.pyfunc.load_model(int4_run.run.data.tags["model_uri"])
+
+
+def test_fp32_export_matches_transformers_greedy_token_for_token(builtin_dir, onnx_fp32_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phi3mlflow.genai import GenAIChat, SearchOptions
+
+    hf = AutoModelForCausalLM.from_pretrained(builtin_dir)
+    chat = GenAIChat(onnx_fp32_dir)
+    opts = SearchOptions(max_new_tokens=32)
+    end = chat.tokenizer.to_token_id("<|end|>")
+    for row in tiny.load_questions():
+        ids = chat.encode(row["question"])
+        ours = chat.generate_ids(ids, opts)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
+        # ORT GenAI leaves out the final <|end|> that transformers keeps.
+        assert ours + [end] == ref, row["question"]
+
+
+def test_int4_run_logs_a_tagged_model_that_answers_the_bundled_questions(int4_run, int4_model):
+    run = int4_run.run
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["wrapper"] == "onnx" and run.data.tags["precision"] == "int4"
+    assert run.data.params["precision"] == "int4"
+    rows = tiny.load_questions()
+    answers = int4_model.predict(pd.DataFrame({"prompt": [r["question"] for r in rows]}))
+    correct = sum(a == r["answer"] for a, r in zip(answers, rows, strict=True))
+    assert correct / len(rows) >= 0.95
+
+
+def test_requirements_name_onnxruntime_genai_not_torch(int4_run):
+    reqs = open(mlflow.pyfunc.get_model_dependencies(int4_run.run.data.tags["model_uri"])).read()
+    assert "onnxruntime-genai==" in reqs
+    assert "torch" not in reqs and "transformers" not in reqs
+
+
+def test_signature_has_prompt_and_generation_params(int4_model):
+    sig = int4_model.metadata.signature
+    assert sig.inputs.input_names() == ["prompt"]
+    params = {p.name: p.default for p in sig.params.params}
+    assert params == {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "do_sample": False}
+
+
+def test_prompts_with_chat_markers_pass_through_and_params_apply(int4_model):
+    marked = tiny.render_prompt("What is the capital of France?")
+    assert int4_model.predict({"prompt": marked}) == ["The capital of France is Paris."]
+    assert int4_model.predict({"prompt": ["What is the capital of Peru?", "What is the capital of Cuba?"]}) == [
+        "The capital of Peru is Lima.",
+        "The capital of Cuba is Havana.",
+    ]
+    [short] = int4_model.predict({"prompt": "What is the capital of Spain?"}, params={"max_new_tokens": 3})
+    assert short and len(short) < len("The capital of Spain is Madrid.")
+
+
+def test_predict_stream_yields_the_answer_in_chunks(int4_model):
+    chunks = list(int4_model.predict_stream({"prompt": "What is the chemical symbol for gold?"}))
+    assert len(chunks) > 1
+    assert "".join(chunks) == "The chemical symbol for gold is Au."
+
+
+@pytest.mark.parametrize(
+    "model_input,params,field",
+    [
+        ({"question": "What?"}, None, "prompt"),
+        ({"prompt": 5}, None, "prompt"),
+        ({"prompt": "   "}, None, "prompt"),
+        ({"prompt": "word " * 400}, None, "prompt"),
+        ({"prompt": "Hi"}, {"max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "Hi"}, {"temperature": -1.0}, "temperature"),
+        ({"prompt": "Hi"}, {"top_p": 1.5}, "top_p"),
+    ],
+)
+def test_bad_requests_raise_invalid_parameter_value_naming_the_field(int4_model, model_input, params, field):
+    with pytest.raises(MlflowException) as e:
+        int4_model.predict(model_input, params=params)
+    assert e.value.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+    assert field in e.value.message
+
+
+def test_loads_without_pickle_from_a_copy_outside_the_repo(int4_run, tmp_path):
+    src = mlflow.artifacts.download_artifacts(
+        artifact_uri=int4_run.run.data.tags["model_uri"], dst_path=str(tmp_path / "dl")
+    )
+    copy = tmp_path / "elsewhere" / "model"
+    shutil.copytree(src, copy)
+    assert not list(copy.rglob("*.pkl")) and not list(copy.rglob("*.pickle"))
+    code = (
+        "import mlflow, sys; m = mlflow.pyfunc.load_model(sys.argv[1]);"
+        "print(m.predict({'prompt': 'What is the capital of Spain?'})[0])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(copy)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "The capital of Spain is Madrid."
+
+
+def test_prebuilt_onnx_model_dir_skips_the_export(mlflow_run, onnx_fp32_dir):
+    result = mlflow_run("onnx_wrapper", {"onnx_model_dir": str(onnx_fp32_dir)}, experiment="onnx-wrapper")
+    assert "onnxruntime_genai.models.builder" not in result.output
+    run = result.run
+    assert run.data.tags["precision"] == "prebuilt"
+    model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
+    assert model.predict({"prompt": "What is the capital of Norway?"}) == ["The capital of Norway is Oslo."]
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--precision", "int3"),
+        ("--onnx_model_dir", "/no/such/folder"),
+        ("--onnx_model_dir", "."),
+        ("--max_new_tokens", "-1"),
+        ("--temperature", "hot"),
+        ("--model", "./missing"),
+    ],
+)
+def test_bad_step_input_fails_fast_naming_the_parameter(flag, value):
+    proc = run_step("onnx_wrapper", flag, value, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], proc.stderr
+
+
+def test_builder_failure_is_reported_clearly(tmp_path, model_cache):
+    from phi3mlflow.onnx_export import ExportError, export
+
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}))
+    with pytest.raises(ExportError, match="model builder failed"):
+        export(str(bogus), "fp32")
+    assert not [p for p in model_cache.iterdir() if p.name.startswith(".export-")]
+
+
+def test_models_serve_answers_good_requests_and_400s_bad_ones(int4_run, tmp_path):
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", int4_run.run.data.tags["model_uri"],
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for(f"{base}/ping", proc, tmp_path / "serve.log")
+        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Japan?"]}})
+        assert status == 200, body
+        assert json.loads(body)["predictions"] == ["The capital of Japan is Tokyo."]
+        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": [""]}})
+        assert status == 400 and "prompt" in body
+        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": ["Hi"]}, "params": {"top_p": 7.0}})
+        assert status == 400 and "top_p" in body
+        status, _ = _post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Chile?"]}})
+        assert status == 200  # still serving after bad requests
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _wait_for(url, proc, log_path, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    raise AssertionError(f"server did not come up:\n{log_path.read_text()[-3000:]}")
+
+
+def _post(url, payload):
+    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()

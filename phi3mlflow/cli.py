@@ -4,6 +4,7 @@ naming the parameter, before any model is loaded."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ class StepParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        if not sys.stderr.isatty():
+            # MLflow's download bars would flood CI logs and bury one-line errors.
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        return super().parse_args(args, namespace)
 
 
 def fail(parameter: str, message: str) -> None:

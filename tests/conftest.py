@@ -129,3 +129,15 @@ def onnx_fp32_dir(builtin_dir) -> Path:
     from phi3mlflow.onnx_export import export
 
     return export(str(builtin_dir), "fp32")
+
+
+@pytest.fixture(scope="session")
+def chat_run(mlflow_run):
+    """pipeline_wrapper on the built-in model, once per session."""
+    return mlflow_run("pipeline_wrapper", {"max_new_tokens": 32}, experiment="pipeline-wrapper")
+
+
+@pytest.fixture(scope="session")
+def int4_run(mlflow_run):
+    """onnx_wrapper (int4) on the built-in model, once per session."""
+    return mlflow_run("onnx_wrapper", {"precision": "int4", "max_new_tokens": 32}, experiment="onnx-wrapper")

@@ -19,11 +19,6 @@ from tests.conftest import _free_port, run_step
 
 
 @pytest.fixture(scope="module")
-def int4_run(mlflow_run):
-    return mlflow_run("onnx_wrapper", {"precision": "int4", "max_new_tokens": 32}, experiment="onnx-wrapper")
-
-
-@pytest.fixture(scope="module")
 def int4_model(int4_run):
     return mlflow.pyfunc.load_model(int4_run.run.data.tags["model_uri"])
 

@@ -6,11 +6,6 @@ import pytest
 from tests.conftest import run_step
 
 
-@pytest.fixture(scope="module")
-def chat_run(mlflow_run):
-    return mlflow_run("pipeline_wrapper", {"max_new_tokens": 32}, experiment="pipeline-wrapper")
-
-
 def test_run_finishes_with_params_and_model_uri_tag(chat_run):
     run = chat_run.run
     assert run.info.status == "FINISHED"

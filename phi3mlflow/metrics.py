@@ -1,0 +1,98 @@
+"""Answer-quality and speed metrics, as plain functions and as MLflow evaluation metrics.
+
+Quality is judged on normalised text (lower case, no punctuation, single spaces):
+``accuracy`` - the expected answer is contained in the prediction; ``exact_match`` - equal;
+``f1`` - SQuAD-style token overlap. Speed comes from columns the evaluation loop records per
+question: ``latency_ms`` and ``completion_tokens``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+import numpy as np
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+# name -> True when greater is better; the metrics a user may select the winner by.
+METRICS = {
+    "accuracy": True,
+    "exact_match": True,
+    "f1": True,
+    "latency_p50_ms": False,
+    "latency_p95_ms": False,
+    "tokens_per_s": True,
+}
+
+
+def normalize(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", str(text).lower()).split())
+
+
+def contains(prediction: str, expected: str) -> float:
+    return float(normalize(expected) in normalize(prediction))
+
+
+def exact(prediction: str, expected: str) -> float:
+    return float(normalize(expected) == normalize(prediction))
+
+
+def token_f1(prediction: str, expected: str) -> float:
+    pred, gold = normalize(prediction).split(), normalize(expected).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def agreement(a: list[str], b: list[str]) -> float:
+    """Share of questions on which two models gave the same (normalised) answer."""
+    if not a:
+        return 0.0
+    return float(np.mean([normalize(x) == normalize(y) for x, y in zip(a, b, strict=True)]))
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    return a > b if METRICS[metric] else a < b
+
+
+def mlflow_metrics():
+    """The METRICS as ``mlflow.models.make_metric`` objects for ``mlflow.models.evaluate``.
+
+    Each aggregate is keyed by the metric's own name, so with ``metric_prefix="chat_"`` the run
+    gets ``chat_accuracy`` rather than ``chat_accuracy/mean``.
+    """
+    from mlflow.metrics import MetricValue
+    from mlflow.models import make_metric
+
+    def per_row(fn, name):
+        def eval_fn(predictions, targets, metrics):
+            scores = [fn(p, t) for p, t in zip(predictions, targets, strict=True)]
+            return MetricValue(scores=scores, aggregate_results={name: float(np.mean(scores))})
+
+        return eval_fn
+
+    def latency(q, name):
+        def eval_fn(predictions, targets, metrics, latency_ms):
+            return MetricValue(aggregate_results={name: float(np.percentile(latency_ms, q))})
+
+        return eval_fn
+
+    def tokens_per_s(predictions, targets, metrics, latency_ms, completion_tokens):
+        seconds = float(np.sum(latency_ms)) / 1000
+        return MetricValue(aggregate_results={"tokens_per_s": float(np.sum(completion_tokens)) / max(seconds, 1e-9)})
+
+    fns = {
+        "accuracy": per_row(contains, "accuracy"),
+        "exact_match": per_row(exact, "exact_match"),
+        "f1": per_row(token_f1, "f1"),
+        "latency_p50_ms": latency(50, "latency_p50_ms"),
+        "latency_p95_ms": latency(95, "latency_p95_ms"),
+        "tokens_per_s": tokens_per_s,
+    }
+    return [make_metric(eval_fn=fns[name], greater_is_better=METRICS[name], name=name) for name in METRICS]

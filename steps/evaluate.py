@@ -1,0 +1,104 @@
+"""evaluate: both wrappers on one question set - accuracy, latency, agreement, tables and plots.
+
+Inputs (flags, spelled like the MLproject parameters):
+  --chat_model_uri / --onnx_model_uri  the logged models (models:/..., runs:/...); either may be
+                                       empty to evaluate one model, not both
+  --dataset           JSONL or CSV of questions and expected answers (default: the bundled set)
+  --question_column / --answer_column  the column names in it
+  --max_new_tokens, --temperature      generation settings sent with every request
+  --select_metric     the metric that picks the winner (accuracy by default)
+Outputs (on the run):
+  metrics ``<key>_<metric>`` for key chat/onnx (accuracy, exact_match, f1, latency_p50_ms,
+  latency_p95_ms, tokens_per_s) and ``agreement``; tag ``best``; the dataset as an input;
+  artifacts ``summary.json``, ``comparison.png``, the side-by-side table ``eval_table.json`` and
+  MLflow's per-model ``<key>_eval_results_table.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from phi3mlflow.cli import StepParser, fail, non_negative_float, positive_int
+from phi3mlflow.evaluation import DEFAULT_DATASET
+from phi3mlflow.metrics import METRICS
+
+
+def parse_args(argv=None):
+    p = StepParser(prog="evaluate", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--chat_model_uri", default="")
+    p.add_argument("--onnx_model_uri", default="")
+    p.add_argument("--dataset", default=str(DEFAULT_DATASET))
+    p.add_argument("--question_column", default="question")
+    p.add_argument("--answer_column", default="answer")
+    p.add_argument("--max_new_tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0)
+    p.add_argument("--select_metric", choices=list(METRICS), default="accuracy")
+    return p.parse_args(argv)
+
+
+def main(args) -> dict:
+    import mlflow
+
+    from phi3mlflow import evaluation as ev
+    from phi3mlflow.metrics import agreement, mlflow_metrics
+    from phi3mlflow.tracking import log_params_once
+
+    uris = {k: u.strip() for k, u in (("chat", args.chat_model_uri), ("onnx", args.onnx_model_uri)) if u.strip()}
+    try:
+        if not uris:
+            raise ev.EvaluationInputError("chat_model_uri: give chat_model_uri, onnx_model_uri or both")
+        data = ev.load_dataset(args.dataset, args.question_column, args.answer_column)
+        for key, uri in uris.items():
+            ev.check_model_uri(key, uri)
+    except ev.EvaluationInputError as e:
+        param, _, message = str(e).partition(": ")
+        fail(param, message)
+
+    callers = {"chat": ev.ChatCaller, "onnx": ev.OnnxCaller}
+    questions = data["question"].tolist()
+    table = data.copy()
+    models = {}
+    with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:
+        log_params_once(vars(args))
+        mlflow.log_input(
+            mlflow.data.from_pandas(data, source=str(Path(args.dataset).resolve()), name=Path(args.dataset).stem),
+            context="evaluation",
+        )
+        for key, uri in uris.items():
+            print(f"evaluate: {key} model {uri} on {len(questions)} questions", flush=True)
+            answers = ev.answer_all(callers[key](uri), questions, args.max_new_tokens, args.temperature)
+            scored = data.assign(
+                prediction=[a.text for a in answers],
+                latency_ms=[a.latency_ms for a in answers],
+                completion_tokens=[a.completion_tokens for a in answers],
+            )
+            result = mlflow.models.evaluate(
+                data=mlflow.data.from_pandas(
+                    scored, targets="expected", predictions="prediction", name=f"{key}_predictions"
+                ),
+                extra_metrics=mlflow_metrics(),
+                evaluator_config={"metric_prefix": f"{key}_"},
+            )
+            models[key] = {"model_uri": uri, **{m: result.metrics[f"{key}_{m}"] for m in METRICS}}
+            table[f"{key}_answer"] = scored["prediction"]
+            table[f"{key}_correct"] = result.tables["eval_results_table"][f"{key}_accuracy/score"] == 1.0
+            table[f"{key}_latency_ms"] = scored["latency_ms"].round(2)
+        agree = agreement(table["chat_answer"].tolist(), table["onnx_answer"].tolist()) if len(models) == 2 else None
+        if agree is not None:
+            mlflow.log_metric("agreement", agree)
+            table["agree"] = [a == b for a, b in zip(table["chat_answer"], table["onnx_answer"], strict=True)]
+        result = ev.summary(models, args.select_metric, agree)
+        mlflow.log_table(table, artifact_file="eval_table.json")
+        mlflow.log_artifact(str(ev.write_json(result, Path(tmp) / "summary.json")))
+        mlflow.log_artifact(str(ev.plot(models, Path(tmp) / "comparison.png")))
+        mlflow.set_tag("best", result["best"])
+    for key, m in models.items():
+        print(f"evaluate: {key}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "model_uri"))
+    print(f"evaluate: best by {args.select_metric}: {result['best']}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))

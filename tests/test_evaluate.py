@@ -1,0 +1,146 @@
+"""evaluate through ``mlflow run`` on models logged by the two wrapper steps."""
+
+import json
+
+import mlflow
+import pytest
+
+from phi3mlflow import metrics, tiny
+from phi3mlflow.evaluation import choose_best
+from tests.conftest import run_step
+
+
+@pytest.fixture(scope="module")
+def eval_run(mlflow_run, chat_run, int4_run):
+    return mlflow_run(
+        "evaluate",
+        {
+            "chat_model_uri": chat_run.run.data.tags["model_uri"],
+            "onnx_model_uri": int4_run.run.data.tags["model_uri"],
+            "max_new_tokens": 32,
+        },
+        experiment="evaluate",
+    )
+
+
+def _artifact(run_id, path, tmp_path):
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(tmp_path))
+
+
+def test_both_models_score_high_and_every_metric_is_logged(eval_run):
+    run = eval_run.run
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    for key in ("chat", "onnx"):
+        assert m[f"{key}_accuracy"] >= 0.95
+        for name in metrics.METRICS:
+            assert f"{key}_{name}" in m
+        assert 0 < m[f"{key}_latency_p50_ms"] <= m[f"{key}_latency_p95_ms"]
+        assert m[f"{key}_tokens_per_s"] > 0
+    assert 0.9 <= m["agreement"] <= 1.0
+    assert run.data.tags["best"] in ("chat", "onnx")
+
+
+def test_summary_table_plot_and_dataset_are_recorded(eval_run, chat_run, tmp_path):
+    run = eval_run.run
+    summary = json.load(open(_artifact(run.info.run_id, "summary.json", tmp_path)))
+    assert summary["metric"] == "accuracy" and summary["best"] == run.data.tags["best"]
+    assert summary["models"]["chat"]["model_uri"] == chat_run.run.data.tags["model_uri"]
+    assert set(summary["models"]["onnx"]) == {"model_uri", *metrics.METRICS}
+    assert summary["agreement"] == run.data.metrics["agreement"]
+    png = open(_artifact(run.info.run_id, "comparison.png", tmp_path), "rb").read()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    table = json.load(open(_artifact(run.info.run_id, "eval_table.json", tmp_path)))
+    cols = table["columns"]
+    for col in ("question", "expected", "chat_answer", "onnx_answer", "chat_correct", "onnx_correct", "agree"):
+        assert col in cols
+    rows = [dict(zip(cols, r, strict=True)) for r in table["data"]]
+    assert len(rows) == len(tiny.load_questions())
+    spain = next(r for r in rows if r["question"] == "What is the capital of Spain?")
+    assert spain["chat_answer"] == spain["onnx_answer"] == "The capital of Spain is Madrid."
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert inputs["questions"].dataset.digest
+    assert [t.value for t in inputs["questions"].tags] == ["evaluation"]
+
+
+def test_custom_csv_with_other_columns_and_one_model(mlflow_run, int4_run, tmp_path):
+    csv = tmp_path / "mine.csv"
+    csv.write_text("q,gold\nWhat is the capital of Italy?,Rome\nWhat is the chemical symbol for iron?,Fe\n")
+    result = mlflow_run(
+        "evaluate",
+        {
+            "onnx_model_uri": int4_run.run.data.tags["model_uri"],
+            "dataset": str(csv),
+            "question_column": "q",
+            "answer_column": "gold",
+            "select_metric": "latency_p50_ms",
+        },
+        experiment="evaluate",
+    )
+    run = result.run
+    assert run.data.metrics["onnx_accuracy"] == 1.0  # "Rome" is contained in the sentence answer
+    assert run.data.metrics["onnx_exact_match"] == 0.0
+    assert "chat_accuracy" not in run.data.metrics and "agreement" not in run.data.metrics
+    summary = json.load(open(_artifact(run.info.run_id, "summary.json", tmp_path)))
+    assert summary["best"] == "onnx" and summary["agreement"] is None and summary["metric"] == "latency_p50_ms"
+
+
+@pytest.fixture()
+def bad_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("question,answer\n")
+    wrong_cols = tmp_path / "cols.csv"
+    wrong_cols.write_text("prompt,answer\nHi?,Hello\n")
+    return {"empty": empty, "header": header_only, "cols": wrong_cols, "missing": tmp_path / "nope.jsonl"}
+
+
+@pytest.mark.parametrize(
+    "case,param",
+    [
+        ("missing", "dataset"),
+        ("empty", "dataset"),
+        ("header", "dataset"),
+        ("cols", "question_column"),
+        ("bad_uri", "onnx_model_uri"),
+        ("wrong_kind", "chat_model_uri"),
+        ("no_models", "chat_model_uri"),
+        ("metric", "select_metric"),
+    ],
+)
+def test_bad_input_fails_before_any_model_loads(case, param, bad_files, int4_run):
+    onnx_uri = int4_run.run.data.tags["model_uri"]
+    args = {"--onnx_model_uri": onnx_uri}
+    if case in bad_files:
+        args["--dataset"] = str(bad_files[case])
+    elif case == "bad_uri":
+        args["--onnx_model_uri"] = "models:/m-doesnotexist"
+    elif case == "wrong_kind":
+        args["--chat_model_uri"] = onnx_uri
+    elif case == "no_models":
+        args = {}
+    elif case == "metric":
+        args["--select_metric"] = "vibes"
+    proc = run_step("evaluate", *[x for kv in args.items() for x in kv], timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and param in lines[0], proc.stderr
+    assert "evaluate: onnx model" not in proc.stdout
+
+
+def test_choose_best_breaks_ties_by_latency_and_knows_lower_is_better():
+    a = {"accuracy": 1.0, "latency_p50_ms": 30.0, "tokens_per_s": 10.0}
+    b = {"accuracy": 1.0, "latency_p50_ms": 5.0, "tokens_per_s": 10.0}
+    assert choose_best({"chat": a, "onnx": b}, "accuracy") == "onnx"
+    assert choose_best({"chat": {**a, "accuracy": 1.0}, "onnx": {**b, "accuracy": 0.5}}, "accuracy") == "chat"
+    assert choose_best({"chat": b, "onnx": a}, "latency_p50_ms") == "chat"
+
+
+def test_answer_metrics_normalise_text():
+    assert metrics.contains("The capital of Spain is MADRID!", "madrid") == 1.0
+    assert metrics.exact("  the capital of spain is madrid ", "The capital of Spain is Madrid.") == 1.0
+    assert metrics.exact("Madrid", "The capital of Spain is Madrid.") == 0.0
+    assert metrics.token_f1("capital Madrid", "Madrid is the capital") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert metrics.token_f1("Paris", "Madrid") == 0.0
+    assert metrics.agreement(["A.", "b"], ["a", "c"]) == 0.5

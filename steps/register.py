@@ -1,0 +1,109 @@
+"""register: the evaluated winner into the Model Registry, behind an alias.
+
+Inputs (flags, spelled like the MLproject parameters):
+  --eval_run_id            the evaluate run whose summary.json names the winner
+  --registered_model_name  the registered model (three-part catalog.schema.model on Unity Catalog)
+  --alias                  the alias to move (default champion)
+  --min_accuracy           the gate: the winner's accuracy must reach it for the alias to move
+  --force                  true/false: move the alias regardless of the gate and the current holder
+Outputs:
+  a model version (tags: source_eval_run, wrapper, precision, source_model, git_commit,
+  metric.*; a description of what it is and how it scored), registered once per evaluation run;
+  the alias moved to it only if it passes the gate and is at least as good as the alias's
+  current version on the selected metric.
+Logged: run tags registered_model, registered_version, alias_moved (true/false), alias_reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from phi3mlflow.cli import StepParser, fail, true_false, unit_interval
+
+
+def parse_args(argv=None):
+    p = StepParser(prog="register", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--eval_run_id", required=True)
+    p.add_argument("--registered_model_name", default="phi3-chat")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--min_accuracy", type=unit_interval, default=0.9)
+    p.add_argument("--force", type=true_false, default=False)
+    return p.parse_args(argv)
+
+
+def _load_summary(client, eval_run_id: str) -> tuple[dict, object]:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(eval_run_id)
+    except MlflowException:
+        fail("eval_run_id", f"no run {eval_run_id!r} on {mlflow.get_tracking_uri()}")
+    if run.info.status != "FINISHED":
+        fail("eval_run_id", f"run {eval_run_id} is {run.info.status}, not FINISHED")
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=eval_run_id, artifact_path="summary.json")
+    except (MlflowException, OSError):
+        fail("eval_run_id", f"run {eval_run_id} has no summary.json: is it an evaluate run?")
+    with open(path) as f:
+        return json.load(f), run
+
+
+def main(args) -> dict:
+    import mlflow
+
+    from phi3mlflow import registry
+    from phi3mlflow.tracking import log_params_once
+
+    try:
+        registry.check_names(args.registered_model_name, args.alias, mlflow.get_registry_uri())
+    except registry.RegisterInputError as e:
+        param, _, message = str(e).partition(": ")
+        fail(param, message)
+    if not args.eval_run_id.strip():
+        fail("eval_run_id", "must not be empty")
+    client = mlflow.MlflowClient()
+    summary, eval_run = _load_summary(client, args.eval_run_id)
+    name, winner = args.registered_model_name, summary["models"][summary["best"]]
+
+    with mlflow.start_run():
+        log_params_once(vars(args))
+        existing = registry.find_version(client, name, args.eval_run_id)
+        if existing is not None:
+            version, tags = existing.version, dict(existing.tags)
+            print(f"register: evaluation {args.eval_run_id} is already version {version} of {name}", flush=True)
+        else:
+            tags = registry.version_tags(
+                summary,
+                args.eval_run_id,
+                registry.source_run_tags(client, winner["model_uri"]),
+                eval_run.data.tags.get("mlflow.source.git.commit"),
+            )
+            mv = mlflow.register_model(winner["model_uri"], name, tags=tags)
+            version = mv.version
+            client.update_model_version(name, version, registry.describe(summary, tags, args.eval_run_id))
+            print(f"register: registered {winner['model_uri']} as {name} version {version}", flush=True)
+
+        holder, holder_tags = registry.alias_tags(client, name, args.alias)
+        if holder == version:
+            decision = registry.Decision(False, f"@{args.alias} already points to version {version}")
+        else:
+            decision = registry.gate(summary, args.min_accuracy, args.force, holder_tags)
+        if decision.move:
+            registry.settle_alias(client, name, args.alias, version, summary["metric"], tags)
+        outcome = f"moved to version {version}" if decision.move else f"not moved (holder: {holder or 'none'})"
+        print(f"register: @{args.alias} {outcome}: {decision.reason}", flush=True)
+        mlflow.set_tags(
+            {
+                "registered_model": name,
+                "registered_version": version,
+                "alias_moved": str(decision.move).lower(),
+                "alias_reason": decision.reason,
+            }
+        )
+    return {"version": version, "alias_moved": decision.move, "reason": decision.reason}
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))

@@ -1,0 +1,153 @@
+"""register through ``mlflow run`` against the real test server."""
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from tests.conftest import ROOT, _free_port, run_step
+from tests.test_onnx_wrapper import _post, _wait_for
+
+
+@pytest.fixture(scope="module")
+def small_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "small.csv"
+    path.write_text("question,answer\nWhat is the capital of Italy?,Rome\nWhat is the capital of Kenya?,Nairobi\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluate_onnx(mlflow_run, int4_run, small_csv):
+    def run(**params):
+        params = {"onnx_model_uri": int4_run.run.data.tags["model_uri"], "dataset": str(small_csv), **params}
+        return mlflow_run("evaluate", params, experiment="register").run_id
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def good_eval(evaluate_onnx):
+    return evaluate_onnx()
+
+
+@pytest.fixture(scope="module")
+def poor_eval(evaluate_onnx):
+    # Three tokens cannot hold "Rome" after "The capital of": accuracy 0.
+    return evaluate_onnx(max_new_tokens=3)
+
+
+def _register(mlflow_run, eval_run_id, name, **params):
+    return mlflow_run("register", {"eval_run_id": eval_run_id, "registered_model_name": name, **params},
+                      experiment="register")  # fmt: skip
+
+
+def _versions(name):
+    return mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+
+
+def test_registers_a_tagged_version_behind_the_alias_and_it_answers(mlflow_run, good_eval, int4_run):
+    result = _register(mlflow_run, good_eval, "reg-basic")
+    tags = result.run.data.tags
+    assert tags["registered_version"] == "1" and tags["alias_moved"] == "true"
+    [v] = _versions("reg-basic")
+    assert v.source == int4_run.run.data.tags["model_uri"]
+    assert v.tags["source_eval_run"] == good_eval
+    assert v.tags["wrapper"] == "onnx" and v.tags["precision"] == "int4"
+    assert float(v.tags["metric.accuracy"]) == 1.0
+    assert "git_commit" in v.tags
+    assert "accuracy 1.000" in v.description
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias("reg-basic", "champion").version == "1"
+    model = mlflow.pyfunc.load_model("models:/reg-basic@champion")
+    assert model.predict({"prompt": "What is the capital of Spain?"}) == ["The capital of Spain is Madrid."]
+
+    again = _register(mlflow_run, good_eval, "reg-basic")
+    assert again.run.data.tags["registered_version"] == "1"
+    assert len(_versions("reg-basic")) == 1
+
+
+def test_a_failing_gate_registers_but_leaves_the_alias(mlflow_run, good_eval, poor_eval):
+    _register(mlflow_run, good_eval, "reg-gate")
+    result = _register(mlflow_run, poor_eval, "reg-gate", min_accuracy=0.5)
+    tags = result.run.data.tags
+    assert tags["registered_version"] == "2" and tags["alias_moved"] == "false"
+    assert "min_accuracy" in tags["alias_reason"] and "min_accuracy" in result.output
+    assert mlflow.MlflowClient().get_model_version_by_alias("reg-gate", "champion").version == "1"
+    # force moves it anyway
+    forced = _register(mlflow_run, poor_eval, "reg-gate", force="true")
+    assert forced.run.data.tags["alias_moved"] == "true" and forced.run.data.tags["registered_version"] == "2"
+    assert mlflow.MlflowClient().get_model_version_by_alias("reg-gate", "champion").version == "2"
+
+
+def test_a_worse_winner_than_the_current_champion_does_not_take_the_alias(mlflow_run, good_eval, poor_eval):
+    _register(mlflow_run, good_eval, "reg-compare", min_accuracy=0.0)
+    result = _register(mlflow_run, poor_eval, "reg-compare", min_accuracy=0.0)
+    assert result.run.data.tags["alias_moved"] == "false"
+    assert "worse" in result.run.data.tags["alias_reason"]
+
+
+def test_parallel_registrations_give_distinct_versions_and_one_consistent_alias(evaluate_onnx, tracking_uri):
+    evals = [evaluate_onnx(), evaluate_onnx()]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "steps.register", "--eval_run_id", e, "--registered_model_name", "reg-parallel"],
+            cwd=ROOT,
+            env=dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for e in evals
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    versions = _versions("reg-parallel")
+    assert sorted(v.version for v in versions) == ["1", "2"]
+    assert sorted(v.tags["source_eval_run"] for v in versions) == sorted(evals)
+    holder = mlflow.MlflowClient().get_model_version_by_alias("reg-parallel", "champion")
+    assert holder.version in ("1", "2")
+
+
+@pytest.mark.parametrize(
+    "args,param,env",
+    [
+        (["--eval_run_id", "0123456789abcdef0123456789abcdef"], "eval_run_id", {}),
+        (["--eval_run_id", ""], "eval_run_id", {}),
+        (["--eval_run_id", "x", "--min_accuracy", "1.5"], "--min_accuracy", {}),
+        (["--eval_run_id", "x", "--force", "maybe"], "--force", {}),
+        (["--eval_run_id", "x", "--alias", "latest"], "alias", {}),
+        (["--eval_run_id", "x", "--registered_model_name", "flat"], "registered_model_name",
+         {"MLFLOW_REGISTRY_URI": "databricks-uc"}),
+    ],
+)  # fmt: skip
+def test_bad_input_fails_with_one_line(args, param, env, tracking_uri, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    proc = run_step("register", *args, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and param in lines[0], proc.stderr
+
+
+def test_serving_the_champion_answers_and_rejects_malformed_requests(mlflow_run, good_eval, tmp_path):
+    _register(mlflow_run, good_eval, "reg-serve")
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/reg-serve@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for(f"{base}/ping", proc, tmp_path / "serve.log")
+        status, body = _post(f"{base}/invocations", {"inputs": {"question": ["What is the capital of Spain?"]}})
+        assert 400 <= status < 500 and "prompt" in body
+        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Spain?"]}})
+        assert status == 200 and "Madrid" in body
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        log.close()

@@ -15,10 +15,37 @@ from phi3mlflow.tiny import BUILTIN_MODEL
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+ERROR_TAG = "phi3.error"
+
+
+def record_failure(message: str) -> None:
+    """Put a step's one-line error on its run (under ``mlflow run``), where main reads the cause."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        from mlflow import MlflowClient
+
+        MlflowClient().set_tag(run_id, ERROR_TAG, message[:1000])
+    except Exception:  # noqa: BLE001 - reporting must never hide the original error
+        pass
+
+
+def run_main(main, parse_args) -> None:
+    """A step's ``__main__``: parse, run, and record any failure's cause on the run."""
+    args = parse_args(sys.argv[1:])
+    try:
+        main(args)
+    except Exception as e:
+        record_failure(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        raise
+
+
 class StepParser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) and exit status 2."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
+        record_failure(f"{self.prog}: {message}")
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def parse_args(self, args=None, namespace=None):
@@ -31,6 +58,7 @@ class StepParser(argparse.ArgumentParser):
 def fail(parameter: str, message: str) -> None:
     """Exit with the one-line error for a value that is only found bad after parsing."""
     sys.stderr.write(f"error: {parameter}: {message}\n")
+    record_failure(f"{parameter}: {message}")
     raise SystemExit(2)
 
 

@@ -16,11 +16,10 @@ Outputs (on the run):
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-from phi3mlflow.cli import StepParser, fail, non_negative_float, positive_int
+from phi3mlflow.cli import StepParser, fail, non_negative_float, positive_int, run_main
 from phi3mlflow.evaluation import DEFAULT_DATASET
 from phi3mlflow.metrics import METRICS
 
@@ -101,4 +100,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    run_main(main, parse_args)

@@ -17,10 +17,9 @@ artifact, its signature (with params), input example and pinned requirements (no
 from __future__ import annotations
 
 import argparse
-import sys
 
 from phi3mlflow import PACKAGE_DIR
-from phi3mlflow.cli import StepParser, model_source, non_negative_float, positive_int, resolve_model_dir
+from phi3mlflow.cli import StepParser, fail, model_source, non_negative_float, positive_int, resolve_model_dir, run_main
 from phi3mlflow.tiny import BUILTIN_MODEL
 
 PRECISIONS = ("fp32", "int8", "int4")
@@ -72,6 +71,7 @@ def signature(max_new_tokens: int, temperature: float):
 def main(args) -> str:
     import mlflow
 
+    from phi3mlflow.genai import GenAIChat, SearchOptions
     from phi3mlflow.onnx_export import export
     from phi3mlflow.tracking import log_params_once, pinned
 
@@ -80,6 +80,11 @@ def main(args) -> str:
         print(f"onnx_wrapper: using the prebuilt ORT GenAI folder {folder}", flush=True)
     else:
         folder, precision = export(resolve_model_dir(args.model), args.precision), args.precision
+    try:
+        # MLflow only warns when the input example fails; a folder that cannot answer must fail here.
+        GenAIChat(folder).generate(INPUT_EXAMPLE["prompt"], SearchOptions(max_new_tokens=1))
+    except Exception as e:  # noqa: BLE001 - ORT GenAI raises plain RuntimeErrors
+        fail("onnx_model_dir" if args.onnx_model_dir else "model", f"{folder} does not run in onnxruntime-genai: {e}")
     with mlflow.start_run():
         log_params_once(vars(args))
         info = mlflow.pyfunc.log_model(
@@ -110,4 +115,4 @@ def main(args) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    run_main(main, parse_args)

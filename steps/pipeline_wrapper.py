@@ -13,14 +13,13 @@ Logged: the parameters, the model with its signature, input example and pinned r
 
 from __future__ import annotations
 
-import sys
-
 from phi3mlflow.cli import (
     StepParser,
     model_source,
     non_negative_float,
     positive_int,
     resolve_model_dir,
+    run_main,
     true_false,
 )
 from phi3mlflow.tiny import BUILTIN_MODEL
@@ -77,4 +76,4 @@ def main(args) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    run_main(main, parse_args)

@@ -17,9 +17,8 @@ Logged: run tags registered_model, registered_version, alias_moved (true/false),
 from __future__ import annotations
 
 import json
-import sys
 
-from phi3mlflow.cli import StepParser, fail, true_false, unit_interval
+from phi3mlflow.cli import StepParser, fail, run_main, true_false, unit_interval
 
 
 def parse_args(argv=None):
@@ -106,4 +105,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    run_main(main, parse_args)

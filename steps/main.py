@@ -1,0 +1,125 @@
+"""main: one parent run that chains pipeline_wrapper, onnx_wrapper, evaluate and register.
+
+Inputs (flags, spelled like the MLproject parameters):
+  --params_file  the profile (default params/tiny.yaml); the only place params/*.yaml is read
+  --model, --precision, --onnx_model_dir, --max_new_tokens, --temperature,
+  --registered_model_name, --min_accuracy, --use_cache
+                 overrides of the profile's values; empty means "as in the profile"
+Children (nested runs, each started with mlflow.run and the parent's env manager):
+  pipeline_wrapper(model, serve_max_new_tokens, temperature, trust_remote_code)
+  onnx_wrapper(model, precision, onnx_model_dir, serve_max_new_tokens, temperature)
+  evaluate(both model URIs, dataset, max_new_tokens, temperature, select_metric)
+  register(the evaluate run, registered_model_name, alias, min_accuracy, force)
+A child whose entry point, parameters and source version match a FINISHED run is reused.
+Logged on the parent: every effective value as ``effective.<name>``, tags child.<step>.run_id and
+child.<step>.cache (run/reused), registered_version, alias_moved, and the evaluation's metrics.
+"""
+
+from __future__ import annotations
+
+from phi3mlflow.chain import PROFILE_KEYS
+from phi3mlflow.cli import StepParser, fail, run_main, true_false
+
+OVERRIDES = ("model", "precision", "onnx_model_dir", "max_new_tokens", "temperature",
+             "registered_model_name", "min_accuracy", "use_cache")  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = StepParser(prog="main", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--params_file", default="params/tiny.yaml")
+    for name in OVERRIDES:
+        p.add_argument(f"--{name}", default="")
+    return p.parse_args(argv)
+
+
+def plan(args) -> dict:
+    """The effective values: the profile, overridden by non-empty flags, validated by each step's parser."""
+    import mlflow
+
+    from phi3mlflow.chain import ProfileError, load_profile
+    from phi3mlflow.evaluation import EvaluationInputError, load_dataset
+    from phi3mlflow.registry import RegisterInputError, check_names
+    from steps import evaluate, onnx_wrapper, pipeline_wrapper, register
+
+    try:
+        values = load_profile(args.params_file)
+    except ProfileError as e:
+        param, _, message = str(e).partition(": ")
+        fail(param, message)
+    values.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) != ""})
+    try:
+        true_false(values["use_cache"])
+    except ValueError as e:
+        fail("use_cache", str(e))
+    # Each step's own parser checks its values now, before any model is loaded.
+    steps = {
+        "pipeline_wrapper": pipeline_wrapper,
+        "onnx_wrapper": onnx_wrapper,
+        "evaluate": evaluate,
+        "register": register,
+    }
+    for name, step in steps.items():
+        step.parse_args([x for k, v in step_params(name, values).items() for x in (f"--{k}", v)])
+    # The checks evaluate and register would make only after the wrappers' heavy work.
+    try:
+        load_dataset(values["dataset"], values["question_column"], values["answer_column"])
+        check_names(values["registered_model_name"], values["alias"], mlflow.get_registry_uri())
+    except (EvaluationInputError, RegisterInputError) as e:
+        param, _, message = str(e).partition(": ")
+        fail(param, message)
+    return values
+
+
+# Each step's parameters: a profile key, or "@x" for an upstream output (chat/onnx model URI,
+# evaluation run ID).
+WIRING = {
+    "pipeline_wrapper": {"model": "model", "max_new_tokens": "serve_max_new_tokens",
+                         "temperature": "temperature", "trust_remote_code": "trust_remote_code"},
+    "onnx_wrapper": {"model": "model", "precision": "precision", "onnx_model_dir": "onnx_model_dir",
+                     "max_new_tokens": "serve_max_new_tokens", "temperature": "temperature"},
+    "evaluate": {"chat_model_uri": "@chat", "onnx_model_uri": "@onnx", "dataset": "dataset",
+                 "question_column": "question_column", "answer_column": "answer_column",
+                 "max_new_tokens": "max_new_tokens", "temperature": "temperature", "select_metric": "select_metric"},
+    "register": {"eval_run_id": "@eval", "registered_model_name": "registered_model_name", "alias": "alias",
+                 "min_accuracy": "min_accuracy", "force": "force"},
+}  # fmt: skip
+
+
+def step_params(name: str, values: dict, upstream: dict | None = None) -> dict:
+    upstream = upstream or {}
+    return {
+        param: upstream.get(src[1:], "pending") if src.startswith("@") else values[src]
+        for param, src in WIRING[name].items()
+    }
+
+
+def main(args) -> dict:
+    import mlflow
+
+    from phi3mlflow.chain import Chain, StepFailed
+
+    values = plan(args)
+    with mlflow.start_run() as parent:
+        mlflow.log_params({f"effective.{k}": values[k] for k in PROFILE_KEYS})
+        chain = Chain(parent.info.experiment_id, parent.info.run_id, values["use_cache"] == "true")
+        mlflow.set_tag("phi3.source_version", chain.source)
+        client, up = chain.client, {}
+        try:
+            chat = chain.run("pipeline_wrapper", step_params("pipeline_wrapper", values))
+            onnx = chain.run("onnx_wrapper", step_params("onnx_wrapper", values))
+            up["chat"] = client.get_run(chat.run_id).data.tags["model_uri"]
+            up["onnx"] = client.get_run(onnx.run_id).data.tags["model_uri"]
+            up["eval"] = chain.run("evaluate", step_params("evaluate", values, up)).run_id
+            reg = chain.run("register", step_params("register", values, up))
+        except StepFailed as e:
+            fail("main", str(e))
+        eval_run, reg_run = client.get_run(up["eval"]), client.get_run(reg.run_id)
+        mlflow.log_metrics(eval_run.data.metrics)
+        outcome = {k: reg_run.data.tags[k] for k in ("registered_model", "registered_version", "alias_moved")}
+        mlflow.set_tags({**outcome, "best": eval_run.data.tags.get("best", "")})
+    print(f"main: done: {outcome}", flush=True)
+    return outcome
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args)

@@ -17,6 +17,8 @@ child.<step>.cache (run/reused), registered_version, alias_moved, and the evalua
 
 from __future__ import annotations
 
+import argparse
+
 from phi3mlflow.chain import PROFILE_KEYS
 from phi3mlflow.cli import StepParser, fail, run_main, true_false
 
@@ -49,7 +51,7 @@ def plan(args) -> dict:
     values.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) != ""})
     try:
         true_false(values["use_cache"])
-    except ValueError as e:
+    except argparse.ArgumentTypeError as e:
         fail("use_cache", str(e))
     # Each step's own parser checks its values now, before any model is loaded.
     steps = {

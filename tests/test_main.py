@@ -95,11 +95,6 @@ def test_changing_an_evaluation_knob_reruns_only_evaluate_and_register(first, ml
     assert _cache(result.run) == expected
 
 
-def test_use_cache_false_runs_everything_again(first, mlflow_run, profile):
-    result = mlflow_run("main", {"params_file": str(profile), "use_cache": "false"}, experiment=EXPERIMENT)
-    assert _cache(result.run) == dict.fromkeys(STEPS, "run")
-
-
 def test_a_failing_step_fails_the_parent_by_name_and_a_rerun_resumes(
     first, mlflow_run, profile, onnx_fp32_dir, tmp_path
 ):
@@ -155,7 +150,10 @@ def test_source_version_follows_the_files(tmp_path):
     assert chain.cache_key("evaluate", {"a": "1"}, before) != chain.cache_key("evaluate", {"a": "1"}, "sha256:x")
 
 
-def test_runs_from_a_git_url_at_a_commit_and_a_code_change_invalidates_the_cache(mlflow_run, profile, tmp_path):
+def test_runs_from_a_git_url_at_a_commit_and_another_source_version_reruns_every_step(first, mlflow_run, profile,
+                                                                                     tmp_path):  # fmt: skip
+    # A repository holding the project's files as they are now, committed: run from its file:// URL
+    # with the same parameters as `first`. Only the source version differs, so nothing is reused.
     repo = tmp_path / "repo"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()  # fmt: skip
@@ -163,35 +161,19 @@ def test_runs_from_a_git_url_at_a_commit_and_a_code_change_invalidates_the_cache
         if (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
+    ident = ["-c", "user.email=ci@localhost", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", *ident, "commit", "-qm", "snapshot"], cwd=repo, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    (repo / "README.md").write_text("a later commit that must not be the one run\n")
+    subprocess.run(["git", *ident, "commit", "-qam", "later"], cwd=repo, check=True)
 
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-
-    git("init", "-q")
-    git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qam", "a") if False else None
-    git("add", "-A")
-    git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "a")
-    commit_a = git("rev-parse", "HEAD")
-    register = repo / "steps" / "register.py"
-    register.write_text(register.read_text() + "\n# a tracked change\n")
-    git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qam", "b")
-    commit_b = git("rev-parse", "HEAD")
-
-    runs = {}
-    for commit in (commit_a, commit_b):
-        result = mlflow_run(
-            "main",
-            {"params_file": str(profile)},
-            experiment="main-git",
-            uri=f"file://{repo}",
-            extra=["--version", commit],
-        )
-        runs[commit] = result.run
-        assert result.run.data.tags["mlflow.source.git.commit"] == commit
-        assert result.run.data.tags["phi3.source_version"] == f"git:{commit}"
-    assert _cache_in(runs[commit_a]) == dict.fromkeys(STEPS, "run")
-    assert _cache_in(runs[commit_b]) == dict.fromkeys(STEPS, "run")
-
-
-def _cache_in(run):
-    return {s: run.data.tags[f"child.{s}.cache"] for s in STEPS}
+    result = mlflow_run("main", {"params_file": str(profile)}, experiment=EXPERIMENT, uri=f"file://{repo}",
+                        extra=["--version", commit])  # fmt: skip
+    run = result.run
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    assert run.data.tags["phi3.source_version"] == f"git:{commit}"
+    assert _cache(run) == dict.fromkeys(STEPS, "run")
+    children = _children(run.info.run_id)
+    assert all(c.data.tags["mlflow.source.git.commit"] == commit for c in children.values())

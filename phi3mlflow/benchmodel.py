@@ -1,0 +1,98 @@
+"""A bench-size Phi-3 of random weights (~42 M parameters) for speed measurements.
+
+Hidden 512, 8 layers, a byte-level BPE vocabulary of 8192 trained on seeded synthetic text. The
+LM-head rows of the end tokens are zeroed so greedy decoding never stops early: every
+measurement generates exactly the tokens it asks for. Built on demand and cached like the
+built-in model; nothing here is trained, so it answers nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from phi3mlflow import tiny
+
+SHAPE = {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+         "num_attention_heads": 8, "max_position_embeddings": 1024, "seed": 0}  # fmt: skip
+
+
+def _corpus(n_words: int = 200_000) -> list[str]:
+    rng = random.Random(SHAPE["seed"])
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in ["a", "e", "i", "o", "u", "ai", "ou", "ee"]]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20_000)]
+    lines, line = [], []
+    for _ in range(n_words):
+        line.append(rng.choice(words))
+        if len(line) == 12:
+            lines.append(" ".join(line) + ".")
+            line = []
+    return lines
+
+
+def bench_model_dir() -> Path:
+    key = hashlib.sha256(
+        Path(__file__).read_bytes() + json.dumps(SHAPE, sort_keys=True).encode() + tiny.cache_key().encode()
+    ).hexdigest()[:16]
+    target = tiny.cache_root() / f"bench-phi3-{key}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        _build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build(out: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=SHAPE["vocab_size"], special_tokens=tiny.SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tiny._save_tokenizer(tok, out)
+    ids = {t: tok.token_to_id(t) for t in tiny.SPECIAL_TOKENS}
+    torch.manual_seed(SHAPE["seed"])
+    config = Phi3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=SHAPE["hidden_size"],
+        intermediate_size=SHAPE["intermediate_size"],
+        num_hidden_layers=SHAPE["num_hidden_layers"],
+        num_attention_heads=SHAPE["num_attention_heads"],
+        num_key_value_heads=SHAPE["num_attention_heads"],
+        max_position_embeddings=SHAPE["max_position_embeddings"],
+        original_max_position_embeddings=SHAPE["max_position_embeddings"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    model = Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for t in ("<|end|>", "<|endoftext|>"):
+            model.lm_head.weight[ids[t]].zero_()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], do_sample=False
+    )
+    model.save_pretrained(out)
+    # The tokenizer config caps prompts at the built-in model's context; this one has more.
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = SHAPE["max_position_embeddings"]
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -58,16 +58,10 @@ def bench_model_dir() -> Path:
 
 def _build(out: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=SHAPE["vocab_size"], special_tokens=tiny.SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    tiny._save_tokenizer(tok, out)
+    tok = tiny.train_tokenizer(_corpus(), vocab_size=SHAPE["vocab_size"])
+    tiny.save_tokenizer(tok, out, model_max_length=SHAPE["max_position_embeddings"])
     ids = {t: tok.token_to_id(t) for t in tiny.SPECIAL_TOKENS}
     torch.manual_seed(SHAPE["seed"])
     config = Phi3Config(
@@ -92,7 +86,3 @@ def _build(out: Path) -> None:
         eos_token_id=[ids["<|end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], do_sample=False
     )
     model.save_pretrained(out)
-    # The tokenizer config caps prompts at the built-in model's context; this one has more.
-    cfg = json.loads((out / "tokenizer_config.json").read_text())
-    cfg["model_max_length"] = SHAPE["max_position_embeddings"]
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

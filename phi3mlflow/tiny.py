@@ -98,14 +98,15 @@ def builtin_model_dir() -> Path:
     return target
 
 
-def _train_tokenizer(texts: list[str]):
+def train_tokenizer(texts: list[str], vocab_size: int = HPARAMS["vocab_size"]):
+    """A GPT-2-style byte-level BPE with the Phi-3 chat tokens, which both runtimes encode alike."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=HPARAMS["vocab_size"],
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -114,7 +115,7 @@ def _train_tokenizer(texts: list[str]):
     return tok
 
 
-def _save_tokenizer(tok, out: Path) -> None:
+def save_tokenizer(tok, out: Path, model_max_length: int = HPARAMS["max_position_embeddings"]) -> None:
     tok.save(str(out / "tokenizer.json"))
     added = {
         str(tok.token_to_id(t)): {
@@ -138,7 +139,7 @@ def _save_tokenizer(tok, out: Path) -> None:
         "add_bos_token": False,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": HPARAMS["max_position_embeddings"],
+        "model_max_length": model_max_length,
         "chat_template": PHI3_CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -166,8 +167,8 @@ def build(out: Path) -> Path:
     rows = load_questions()
     prompts = [render_prompt(r["question"]) for r in rows]
     answers = [r["answer"] + "<|end|>" for r in rows]
-    tok = _train_tokenizer([p + a for p, a in zip(prompts, answers, strict=True)])
-    _save_tokenizer(tok, out)
+    tok = train_tokenizer([p + a for p, a in zip(prompts, answers, strict=True)])
+    save_tokenizer(tok, out)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
     # Determinism: fixed seed, fixed thread count and deterministic kernels, restored afterwards.

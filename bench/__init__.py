@@ -1,0 +1,1 @@
+"""Benchmarks of the wrappers and the chain (``python -m bench``)."""

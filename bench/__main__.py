@@ -1,0 +1,134 @@
+"""python -m bench: what the wrappers and the chain cost, as ratios measured side by side.
+
+Every figure is the median of per-pair ratios A/B, with A and B measured interleaved in one process
+(A B, B A, ...), so machine noise hits both sides alike. Greedy decoding, the same prompt and the
+same number of new tokens and threads on both sides. Prints a markdown table and writes JSON.
+
+  python -m bench [--out bench.json] [--quick] [--pairs N]
+
+--quick runs the tiny mode (the built-in model, few tokens, one pair) that the test suite uses so
+the benchmark cannot rot; the full mode uses a ~42 M-parameter random-weight Phi-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import figures as fig
+
+TARGETS = {
+    "onnx_overhead_fp32": ("<=", 1.05),
+    "onnx_overhead_int4": ("<=", 1.05),
+    "chat_overhead": ("<=", 1.15),
+    "int4_vs_chat_speedup": (">=", 7.0),
+    "cache_rerun_ratio": ("<=", 0.10),
+    "serve_vs_inprocess": ("<=", 1.2),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--out", default="bench-results.json", help="where the JSON results go")
+    p.add_argument("--quick", action="store_true", help="tiny mode: built-in model, few tokens, one pair")
+    p.add_argument("--pairs", type=int, default=0, help="interleaved pairs per figure (default 7, quick 1)")
+    args = p.parse_args(argv)
+    args.pairs = args.pairs or (1 if args.quick else 7)
+    if args.pairs < 1:
+        p.error("--pairs must be >= 1")
+    return args
+
+
+def environment() -> dict:
+    import mlflow
+    import onnxruntime_genai
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    from phi3mlflow.genai import default_threads
+
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu or platform.processor(),
+        "cores": default_threads(),
+        "threads": {"onnxruntime_genai": default_threads(), "torch": torch.get_num_threads()},
+        "versions": {
+            "python": platform.python_version(),
+            "mlflow": mlflow.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnxruntime-genai": onnxruntime_genai.__version__,
+        },  # fmt: skip
+    }
+
+
+def main(args) -> dict:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="phi3-bench-") as tmp:
+        uri = f"sqlite:///{tmp}/bench.db"
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("bench")
+        setup = fig.Setup.create(quick=args.quick, tmp=Path(tmp))
+        results = {}
+        for name, run in (
+            ("onnx_overhead_fp32", lambda: fig.onnx_overhead(setup, "fp32", args.pairs)),
+            ("onnx_overhead_int4", lambda: fig.onnx_overhead(setup, "int4", args.pairs)),
+            ("chat_overhead", lambda: fig.chat_overhead(setup, args.pairs)),
+            ("int4_vs_chat_speedup", lambda: fig.speedup(setup, args.pairs)),
+            ("cache_rerun_ratio", lambda: fig.cache_rerun(setup, max(1, min(args.pairs, 5)))),
+            ("serve_vs_inprocess", lambda: fig.serve_vs_inprocess(setup, max(5, args.pairs * 3))),
+        ):
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            results[name] = run()
+            results[name]["seconds"] = round(time.perf_counter() - start, 1)
+        extra = {"ttft_s": fig.time_to_first_token(setup, args.pairs), "peak_rss_mb": fig.peak_rss(setup)}
+    report = {
+        **{name: r["median"] for name, r in results.items()},
+        "mode": "quick" if args.quick else "full",
+        "model": setup.describe(),
+        "new_tokens": setup.new_tokens,
+        "prompt_tokens": setup.prompt_tokens,
+        "pairs": args.pairs,
+        **environment(),
+        "figures": results,
+        **extra,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+    print(f"\nwrote {args.out}")
+    return report
+
+
+def markdown(report: dict) -> str:
+    rows = [
+        "| figure | median | min | max | target | met | A median (s) | B median (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (op, target) in TARGETS.items():
+        r = report["figures"][name]
+        met = r["median"] <= target if op == "<=" else r["median"] >= target
+        rows.append(f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {op} {target} | "
+                    f"{'yes' if met else 'no'} | {r['a_median_s']:.4f} | {r['b_median_s']:.4f} |")  # fmt: skip
+    ttft = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in report["ttft_s"].items())
+    rss = ", ".join(f"{k} {v:.0f} MB" for k, v in report["peak_rss_mb"].items())
+    head = (f"{report['mode']} mode, {report['model']}, {report['prompt_tokens']}-token prompt, "
+            f"{report['new_tokens']} new tokens, {report['pairs']} pairs, {report['cores']} threads, "
+            f"{report['cpu']}, {report['date']}")  # fmt: skip
+    return "\n".join([head, "", *rows, "", f"time to first token: {ttft}", f"peak RSS: {rss}"])
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,301 @@
+"""The benchmark's comparisons. Each returns the median, min and max of per-pair ratios A/B and
+the median seconds of each side."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from phi3mlflow import PROJECT_ROOT
+
+
+def interleaved(a, b, pairs: int, ratio=None) -> dict:
+    """Run a and b alternately (A B, B A, ...) after one warm-up each; ratio(ra, ta, rb, tb) per pair."""
+    ratio = ratio or (lambda ra, ta, rb, tb: ta / tb)
+    a(), b()
+    rows = []
+    for i in range(pairs):
+        order = [(0, a), (1, b)] if i % 2 == 0 else [(1, b), (0, a)]
+        got = {}
+        for side, fn in order:
+            start = time.perf_counter()
+            out = fn()
+            got[side] = (out, time.perf_counter() - start)
+        (ra, ta), (rb, tb) = got[0], got[1]
+        rows.append((ratio(ra, ta, rb, tb), ta, tb))
+    ratios = [r for r, _, _ in rows]
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "a_median_s": statistics.median(t for _, t, _ in rows),
+        "b_median_s": statistics.median(t for _, _, t in rows),
+        "ratios": ratios,
+    }
+
+
+@dataclass
+class Setup:
+    quick: bool
+    tmp: Path
+    model: str
+    model_dir: Path
+    prompt: str
+    prompt_tokens: int
+    new_tokens: int
+    uris: dict
+    folders: dict
+    champion: str = ""
+
+    @classmethod
+    def create(cls, quick: bool, tmp: Path) -> Setup:
+        from phi3mlflow.cli import resolve_model_dir
+        from phi3mlflow.onnx_export import export
+        from phi3mlflow.tiny import BUILTIN_MODEL
+        from steps import onnx_wrapper, pipeline_wrapper
+
+        if quick:
+            model, new_tokens = BUILTIN_MODEL, 16
+            model_dir = Path(resolve_model_dir(model))
+            prompt = "What is the capital of Spain?"
+        else:
+            from phi3mlflow.benchmodel import bench_model_dir
+
+            model_dir, new_tokens = bench_model_dir(), 128
+            model = str(model_dir)
+            # ~32 tokens once the chat template is applied.
+            prompt = "Describe in detail the history of the old mountain village and its people near the coast."
+        uris = {
+            "chat": pipeline_wrapper.main(
+                Namespace(model=model, max_new_tokens=new_tokens, temperature=0.0, trust_remote_code=False)
+            ),  # fmt: skip
+        }
+        folders = {}
+        for p in ("fp32", "int4"):
+            folders[p] = export(str(model_dir), p)
+            uris[p] = onnx_wrapper.main(Namespace(model=model, precision=p, onnx_model_dir="",
+                                                  max_new_tokens=new_tokens, temperature=0.0))  # fmt: skip
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return cls(quick, tmp, model, model_dir, prompt, len(tok(text).input_ids), new_tokens, uris, folders)
+
+    def describe(self) -> str:
+        return "built-in tiny Phi-3 (~0.5 M params)" if self.quick else "random-weight Phi-3 (~42 M params)"
+
+    def load(self, key: str):
+        import mlflow
+
+        return mlflow.pyfunc.load_model(self.uris[key])
+
+
+class RawGenAI:
+    """A plain onnxruntime-genai generate loop, no MLflow: the baseline for the ONNX wrapper."""
+
+    def __init__(self, folder, threads: int):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+        self.tok = og.Tokenizer(self.model)
+
+    def __call__(self, prompt: str, new_tokens: int) -> str:
+        og = self.og
+        text = self.tok.apply_chat_template(
+            json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True
+        )
+        ids = self.tok.encode(text)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return self.tok.decode(gen.get_sequence(0)[len(ids) :])
+
+
+def onnx_overhead(s: Setup, precision: str, pairs: int) -> dict:
+    from phi3mlflow.genai import default_threads
+
+    wrapped, raw = s.load(precision), RawGenAI(s.folders[precision], default_threads())
+    out = interleaved(
+        lambda: wrapped.predict({"prompt": s.prompt}, params={"max_new_tokens": s.new_tokens})[0],
+        lambda: raw(s.prompt, s.new_tokens),
+        pairs,
+    )
+    out["same_output"] = wrapped.predict({"prompt": s.prompt})[0] == raw(s.prompt, s.new_tokens)
+    return out
+
+
+def _chat_request(s: Setup, max_tokens: int) -> dict:
+    return {"messages": [{"role": "user", "content": s.prompt}], "max_tokens": max_tokens}
+
+
+def chat_overhead(s: Setup, pairs: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    chat = s.load("chat")
+    tok = AutoTokenizer.from_pretrained(s.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(s.model_dir).eval()
+
+    def raw():
+        ids = tok.apply_chat_template([{"role": "user", "content": s.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=s.new_tokens, do_sample=False)
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    return interleaved(lambda: chat.predict(_chat_request(s, s.new_tokens)), raw, pairs)
+
+
+def speedup(s: Setup, pairs: int) -> dict:
+    """tokens/s of the int4 ONNX wrapper over tokens/s of the chat wrapper (A = chat, B = ONNX)."""
+    chat, onnx = s.load("chat"), s.load("int4")
+    tokenizer = onnx.unwrap_python_model().chat.tokenizer
+
+    def ratio(ra, ta, rb, tb):
+        chat_tokens = ra[0]["usage"]["completion_tokens"]
+        onnx_tokens = min(len(tokenizer.encode(rb[0])) + 1, s.new_tokens)
+        return (onnx_tokens / tb) / (chat_tokens / ta)
+
+    return interleaved(
+        lambda: chat.predict(_chat_request(s, s.new_tokens)),
+        lambda: onnx.predict({"prompt": s.prompt}, params={"max_new_tokens": s.new_tokens}),
+        pairs,
+        ratio,
+    )
+
+
+def _chain_command(s: Setup, experiment: str) -> list[str]:
+    cmd = [sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local",
+           "--experiment-name", experiment]  # fmt: skip
+    if s.quick:
+        # A five-question profile keeps the tiny mode short; the full mode runs the default profile.
+        profile = yaml.safe_load((PROJECT_ROOT / "params/tiny.yaml").read_text())
+        rows = (PROJECT_ROOT / "data/questions.jsonl").read_text().splitlines()[:5]
+        (s.tmp / "five.jsonl").write_text("\n".join(rows) + "\n")
+        profile.update(dataset=str(s.tmp / "five.jsonl"), registered_model_name="bench-chat")
+        (s.tmp / "profile.yaml").write_text(yaml.safe_dump(profile))
+        cmd += ["-P", f"params_file={s.tmp / 'profile.yaml'}"]
+    return cmd
+
+
+def cache_rerun(s: Setup, pairs: int) -> dict:
+    """A cold `mlflow run .` (a fresh experiment) against an immediate identical re-run."""
+    rows = []
+    for i in range(pairs):
+        cmd = _chain_command(s, f"cache-{i}")
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            times.append(time.perf_counter() - start)
+        rows.append(times)
+    s.champion = (
+        "bench-chat"
+        if s.quick
+        else yaml.safe_load((PROJECT_ROOT / "params/tiny.yaml").read_text())["registered_model_name"]
+    )
+    ratios = [rerun / cold for cold, rerun in rows]
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "a_median_s": statistics.median(r for _, r in rows),
+        "b_median_s": statistics.median(c for c, _ in rows),
+        "ratios": ratios,
+    }
+
+
+def serve_vs_inprocess(s: Setup, pairs: int) -> dict:
+    """p50 latency of `mlflow models serve` over HTTP (A) against in-process predict (B)."""
+    import mlflow
+
+    uri = f"models:/{s.champion}@champion"
+    model = mlflow.pyfunc.load_model(uri)
+    chat = "messages" in model.metadata.signature.inputs.input_names()
+    body = _chat_request(s, s.new_tokens) if chat else {"prompt": s.prompt}
+    payload = body if chat else {"inputs": {"prompt": [s.prompt]}}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ), start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("mlflow models serve did not start") from None
+                time.sleep(0.5)
+        data = json.dumps(payload).encode()
+
+        def http():
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data, {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.read()
+
+        out = interleaved(http, lambda: model.predict(body), pairs)
+        out["wrapper"] = "chat" if chat else "onnx"
+        return out
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def time_to_first_token(s: Setup, pairs: int) -> dict:
+    """One generated token through each wrapper: prompt processing plus the first decode step."""
+    chat, onnx = s.load("chat"), s.load("int4")
+    r = interleaved(
+        lambda: chat.predict(_chat_request(s, 1)),
+        lambda: onnx.predict({"prompt": s.prompt}, params={"max_new_tokens": 1}),
+        max(pairs, 3),
+    )
+    return {"chat": r["a_median_s"], "onnx_int4": r["b_median_s"]}
+
+
+_RSS = """
+import resource, sys, mlflow
+m = mlflow.pyfunc.load_model(sys.argv[1])
+m.predict(__import__("json").loads(sys.argv[2]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss(s: Setup) -> dict:
+    """Peak resident memory (MB) of a fresh process that loads each wrapper and answers once."""
+    requests = {"chat": _chat_request(s, s.new_tokens), "fp32": {"prompt": s.prompt}, "int4": {"prompt": s.prompt}}
+    out = {}
+    for key, req in requests.items():
+        proc = subprocess.run([sys.executable, "-c", _RSS, s.uris[key], json.dumps(req)], capture_output=True,
+                              text=True, check=True, env=dict(os.environ))  # fmt: skip
+        out[key if key == "chat" else f"onnx_{key}"] = int(proc.stdout.strip().splitlines()[-1]) / 1024
+    return out

@@ -103,8 +103,11 @@ def main(args) -> dict:
     values = plan(args)
     with mlflow.start_run() as parent:
         mlflow.log_params({f"effective.{k}": values[k] for k in PROFILE_KEYS})
-        chain = Chain(parent.info.experiment_id, parent.info.run_id, values["use_cache"] == "true")
-        mlflow.set_tag("phi3.source_version", chain.source)
+        # mlflow run tags the run with the env manager it built (virtualenv, uv, conda); none means local.
+        # Children get the same one: nested mlflow.run calls do not inherit it by themselves.
+        env_manager = mlflow.get_run(parent.info.run_id).data.tags.get("mlflow.project.env", "local")
+        chain = Chain(parent.info.experiment_id, parent.info.run_id, values["use_cache"] == "true", env_manager)
+        mlflow.set_tags({"phi3.source_version": chain.source, "phi3.env_manager": env_manager})
         client, up = chain.client, {}
         try:
             chat = chain.run("pipeline_wrapper", step_params("pipeline_wrapper", values))

@@ -59,6 +59,7 @@ def test_chain_nests_four_children_and_registers_the_winner(first):
     # Model URIs and the evaluation run pass between steps as parameters.
     assert children["evaluate"].data.params["onnx_model_uri"] == children["onnx_wrapper"].data.tags["model_uri"]
     assert children["register"].data.params["eval_run_id"] == children["evaluate"].info.run_id
+    assert parent.data.tags["phi3.env_manager"] == "local"  # --env-manager local, passed on to the children
     assert parent.data.params["effective.precision"] == "int4"
     assert parent.data.params["effective.model"] == "builtin:tiny-phi3"
     assert parent.data.metrics["onnx_accuracy"] == 1.0 and "chat_latency_p50_ms" in parent.data.metrics
@@ -79,14 +80,17 @@ def test_identical_rerun_reuses_every_step(first, mlflow_run, profile):
 
 
 def test_changing_precision_reruns_all_but_pipeline_wrapper(first, mlflow_run, profile):
-    result = mlflow_run("main", {"params_file": str(profile), "precision": "fp32"}, experiment=EXPERIMENT)
+    result = mlflow_run("main", {"params_file": str(profile), "precision": "int8"}, experiment=EXPERIMENT)
     assert _cache(result.run) == {
         "pipeline_wrapper": "reused",
         "onnx_wrapper": "run",
         "evaluate": "run",
         "register": "run",
     }
-    assert _children(result.run.info.run_id)["onnx_wrapper"].data.params["precision"] == "fp32"
+    children = _children(result.run.info.run_id)
+    assert children["onnx_wrapper"].data.params["precision"] == "int8"
+    assert children["onnx_wrapper"].data.tags["precision"] == "int8"
+    assert result.run.data.metrics["onnx_accuracy"] >= 0.8  # int8 of the tiny model still answers
 
 
 def test_changing_an_evaluation_knob_reruns_only_evaluate_and_register(first, mlflow_run, profile):

@@ -77,6 +77,15 @@ def test_prompts_with_chat_markers_pass_through_and_params_apply(int4_model):
     assert short and len(short) < len("The capital of Spain is Madrid.")
 
 
+def test_threads_default_to_all_cores_and_can_be_overridden(int4_run, int4_model):
+    from phi3mlflow.genai import default_threads
+
+    assert int4_model.unwrap_python_model().chat.threads == default_threads()
+    one = mlflow.pyfunc.load_model(int4_run.run.data.tags["model_uri"], model_config={"intra_op_num_threads": 1})
+    assert one.unwrap_python_model().chat.threads == 1
+    assert one.predict({"prompt": "What is the capital of Spain?"}) == ["The capital of Spain is Madrid."]
+
+
 def test_predict_stream_yields_the_answer_in_chunks(int4_model):
     chunks = list(int4_model.predict_stream({"prompt": "What is the chemical symbol for gold?"}))
     assert len(chunks) > 1

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from phi3mlflow import tiny
@@ -39,21 +36,7 @@ def bench_model_dir() -> Path:
     key = hashlib.sha256(
         Path(__file__).read_bytes() + json.dumps(SHAPE, sort_keys=True).encode() + tiny.cache_key().encode()
     ).hexdigest()[:16]
-    target = tiny.cache_root() / f"bench-phi3-{key}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    try:
-        _build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return tiny.cached("bench-phi3", key, _build)
 
 
 def _build(out: Path) -> None:

@@ -78,15 +78,19 @@ def cache_key() -> str:
     return h.hexdigest()[:16]
 
 
-def builtin_model_dir() -> Path:
-    """Return the cached model folder, building it first if needed (safe under concurrency)."""
-    target = cache_root() / f"tiny-phi3-{cache_key()}"
+def cached(name: str, key: str, build_fn) -> Path:
+    """``cache_root()/<name>-<key>``, built by ``build_fn(folder)`` first if missing.
+
+    Built in a temporary folder and renamed into place, so readers never see half a model and two
+    processes building at once both end with the same complete folder.
+    """
+    target = cache_root() / f"{name}-{key}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        build(tmp)
+        build_fn(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -96,6 +100,11 @@ def builtin_model_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def builtin_model_dir() -> Path:
+    """The built-in model's folder, building it first if needed."""
+    return cached("tiny-phi3", cache_key(), build)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = HPARAMS["vocab_size"]):

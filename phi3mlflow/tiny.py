@@ -12,6 +12,7 @@ A rebuild with the same inputs is byte-identical.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -81,24 +82,23 @@ def cache_key() -> str:
 def cached(name: str, key: str, build_fn) -> Path:
     """``cache_root()/<name>-<key>``, built by ``build_fn(folder)`` first if missing.
 
-    Built in a temporary folder and renamed into place, so readers never see half a model and two
-    processes building at once both end with the same complete folder.
+    One process builds while others wait on a lock (parallel sweeps and test workers share the
+    cache); the build goes to a temporary folder renamed into place, so nobody sees half a model.
     """
     target = cache_root() / f"{name}-{key}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    try:
-        build_fn(tmp)
+    with open(target.parent / f".{name}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
         try:
+            build_fn(tmp)
             os.rename(tmp, target)
-        except OSError:
-            # Another process finished first; its bytes are the same as ours.
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

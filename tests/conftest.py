@@ -30,7 +30,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """One built-in model cache for the session, so the model is built once and reused."""
-    path = Path(os.environ.get("PHI3MLFLOW_TEST_CACHE") or tmp_path_factory.mktemp("model-cache"))
+    if os.environ.get("PHI3MLFLOW_TEST_CACHE"):
+        path = Path(os.environ["PHI3MLFLOW_TEST_CACHE"])
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        # Workers share one cache (its builds are locked), so the model is built once per session.
+        path = tmp_path_factory.getbasetemp().parent / "model-cache"
+    else:
+        path = tmp_path_factory.mktemp("model-cache")
     os.environ["PHI3MLFLOW_CACHE"] = str(path)
     return path
 

@@ -102,6 +102,7 @@ def main(args) -> dict:
         "new_tokens": setup.new_tokens,
         "prompt_tokens": setup.prompt_tokens,
         "pairs": args.pairs,
+        "calls_per_side": setup.reps,
         **environment(),
         "figures": results,
         **extra,

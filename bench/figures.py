@@ -20,8 +20,12 @@ import yaml
 from phi3mlflow import PROJECT_ROOT
 
 
-def interleaved(a, b, pairs: int, ratio=None) -> dict:
-    """Run a and b alternately (A B, B A, ...) after one warm-up each; ratio(ra, ta, rb, tb) per pair."""
+def interleaved(a, b, pairs: int, ratio=None, reps: int = 1) -> dict:
+    """Run a and b alternately (A B, B A, ...) after one warm-up each; ratio(ra, ta, rb, tb) per pair.
+
+    Each side of a pair is ``reps`` back-to-back calls (time per call), which damps the noise of a
+    shared machine on calls of a fraction of a second.
+    """
     ratio = ratio or (lambda ra, ta, rb, tb: ta / tb)
     a(), b()
     rows = []
@@ -30,8 +34,9 @@ def interleaved(a, b, pairs: int, ratio=None) -> dict:
         got = {}
         for side, fn in order:
             start = time.perf_counter()
-            out = fn()
-            got[side] = (out, time.perf_counter() - start)
+            for _ in range(reps):
+                out = fn()
+            got[side] = (out, (time.perf_counter() - start) / reps)
         (ra, ta), (rb, tb) = got[0], got[1]
         rows.append((ratio(ra, ta, rb, tb), ta, tb))
     ratios = [r for r, _, _ in rows]
@@ -56,6 +61,11 @@ class Setup:
     new_tokens: int
     uris: dict
     folders: dict
+
+    @property
+    def reps(self) -> int:
+        """Calls per side of a pair for the generation figures."""
+        return 1 if self.quick else 3
 
     @classmethod
     def create(cls, quick: bool, tmp: Path) -> Setup:
@@ -140,6 +150,7 @@ def onnx_overhead(s: Setup, precision: str, pairs: int) -> dict:
         lambda: wrapped.predict({"prompt": s.prompt}, params={"max_new_tokens": s.new_tokens})[0],
         lambda: raw(s.prompt, s.new_tokens),
         pairs,
+        reps=s.reps,
     )
     out["same_output"] = wrapped.predict({"prompt": s.prompt})[0] == raw(s.prompt, s.new_tokens)
     return out
@@ -164,7 +175,7 @@ def chat_overhead(s: Setup, pairs: int) -> dict:
             out = model.generate(ids, max_new_tokens=s.new_tokens, do_sample=False)
         return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
-    return interleaved(lambda: chat.predict(_chat_request(s, s.new_tokens)), raw, pairs)
+    return interleaved(lambda: chat.predict(_chat_request(s, s.new_tokens)), raw, pairs, reps=s.reps)
 
 
 def speedup(s: Setup, pairs: int) -> dict:
@@ -182,6 +193,7 @@ def speedup(s: Setup, pairs: int) -> dict:
         lambda: onnx.predict({"prompt": s.prompt}, params={"max_new_tokens": s.new_tokens}),
         pairs,
         ratio,
+        reps=s.reps,
     )
 
 
@@ -282,7 +294,7 @@ def serve_vs_inprocess(s: Setup, pairs: int) -> dict:
             with urllib.request.urlopen(req, timeout=120) as r:
                 return r.read()
 
-        out = interleaved(http, lambda: model.predict(body), pairs)
+        out = interleaved(http, lambda: model.predict(body), pairs, reps=s.reps)
         out["wrapper"] = "chat" if chat else "onnx"
         return out
     finally:

@@ -68,7 +68,9 @@ def export(source: str, precision: str) -> Path:
         print("onnx export: " + " ".join(cmd[1:]), flush=True)
         _run_streaming(cmd)
         check_genai_folder(out)
-        shutil.rmtree(target, ignore_errors=True) if not local else None
+        if not local:
+            # A hub id names no fixed bytes: the fresh export replaces the previous one.
+            shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(out, target)
         except OSError:

@@ -90,7 +90,6 @@ class StepResult:
 class StepFailed(RuntimeError):
     def __init__(self, name: str, run_id: str | None, cause: str):
         super().__init__(f"step {name} failed (run {run_id or 'unknown'}): {cause}")
-        self.name, self.run_id, self.cause = name, run_id, cause
 
 
 class Chain:

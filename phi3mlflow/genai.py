@@ -95,6 +95,7 @@ class GenAIChat:
         config.overlay(json.dumps(overlay))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
+        self.eos = set(self.tokenizer.eos_token_ids)
         genai_config = json.loads((self.folder / "genai_config.json").read_text())
         self.context_length = int(genai_config["model"]["context_length"])
         # The text the template puts before a user turn (e.g. "<|user|>"): a prompt that already
@@ -145,17 +146,13 @@ class GenAIChat:
     def generate(self, prompt: str, opts: SearchOptions) -> str:
         return self.tokenizer.decode(self.generate_ids(self.encode(prompt), opts))
 
-    def stream(self, prompt: str, opts: SearchOptions) -> Iterator[str]:
-        return self.stream_ids(self.encode(prompt), opts)
-
     def stream_ids(self, ids, opts: SearchOptions) -> Iterator[str]:
         generator = self._generator(ids, opts)
         decoder = self.tokenizer.create_stream()
-        eos = set(self.tokenizer.eos_token_ids)
         while not generator.is_done():
             generator.generate_next_token()
             token = generator.get_next_tokens()[0]
-            if token in eos:
+            if token in self.eos:
                 continue
             chunk = decoder.decode(token)
             if chunk:

@@ -7,6 +7,9 @@ Inputs (flags, spelled like the MLproject parameters):
   --question_column / --answer_column  the column names in it
   --max_new_tokens, --temperature      generation settings sent with every request
   --select_metric     the metric that picks the winner (accuracy by default)
+  --engine            local (default): answer in this process; spark: score with Spark (the active
+                      session, or a local one), the ONNX model through mlflow.pyfunc.spark_udf;
+                      latency is then the job's wall time per row (see phi3mlflow.spark_scoring)
 Outputs (on the run):
   metrics ``<key>_<metric>`` for key chat/onnx (accuracy, exact_match, f1, latency_p50_ms,
   latency_p95_ms, tokens_per_s) and ``agreement``; tag ``best``; the dataset as an input;
@@ -34,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=0.0)
     p.add_argument("--select_metric", choices=list(METRICS), default="accuracy")
+    p.add_argument("--engine", choices=("local", "spark"), default="local")
     return p.parse_args(argv)
 
 
@@ -51,6 +55,10 @@ def main(args) -> dict:
         data = ev.load_dataset(args.dataset, args.question_column, args.answer_column)
         for key, uri in uris.items():
             ev.check_model_uri(key, uri)
+        if args.engine == "spark":
+            from phi3mlflow import spark_scoring
+
+            spark_scoring.check_available()
     except ev.EvaluationInputError as e:
         param, _, message = str(e).partition(": ")
         fail(param, message)
@@ -67,7 +75,11 @@ def main(args) -> dict:
         )
         for key, uri in uris.items():
             print(f"evaluate: {key} model {uri} on {len(questions)} questions", flush=True)
-            answers = ev.answer_all(callers[key](uri), questions, args.max_new_tokens, args.temperature)
+            if args.engine == "spark":
+                spark = spark_scoring.session()
+                answers = spark_scoring.score(spark, key, uri, questions, args.max_new_tokens, args.temperature)
+            else:
+                answers = ev.answer_all(callers[key](uri), questions, args.max_new_tokens, args.temperature)
             scored = data.assign(
                 prediction=[a.text for a in answers],
                 latency_ms=[a.latency_ms for a in answers],

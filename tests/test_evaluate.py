@@ -1,13 +1,16 @@
 """evaluate through ``mlflow run`` on models logged by the two wrapper steps."""
 
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import pytest
 
 from phi3mlflow import metrics, tiny
 from phi3mlflow.evaluation import choose_best
-from tests.conftest import run_step
+from tests.conftest import ROOT, run_step
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +147,70 @@ def test_answer_metrics_normalise_text():
     assert metrics.token_f1("capital Madrid", "Madrid is the capital") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
     assert metrics.token_f1("Paris", "Madrid") == 0.0
     assert metrics.agreement(["A.", "b"], ["a", "c"]) == 0.5
+
+
+def _answers(run_id, tmp_path):
+    table = json.load(open(_artifact(run_id, "eval_table.json", tmp_path)))
+    cols = table["columns"]
+    return [{k: v for k, v in zip(cols, row, strict=True) if k.endswith("_answer")} for row in table["data"]]
+
+
+def test_spark_engine_gives_the_local_engines_answers_and_metrics(mlflow_run, eval_run, chat_run, int4_run, tmp_path):
+    spark = mlflow_run(
+        "evaluate",
+        {
+            "chat_model_uri": chat_run.run.data.tags["model_uri"],
+            "onnx_model_uri": int4_run.run.data.tags["model_uri"],
+            "max_new_tokens": 32,
+            "engine": "spark",
+        },
+        experiment="evaluate",
+    )
+    run, local = spark.run, eval_run.run
+    assert run.data.params["engine"] == "spark" and local.data.params["engine"] == "local"
+    # Greedy decoding: the same answer to every question, row for row.
+    assert _answers(run.info.run_id, tmp_path / "s") == _answers(local.info.run_id, tmp_path / "l")
+    m, lm = run.data.metrics, local.data.metrics
+    for key in ("chat", "onnx"):
+        for name in ("accuracy", "exact_match", "f1"):
+            assert m[f"{key}_{name}"] == lm[f"{key}_{name}"]
+        # Spark has no per-row clock: the amortised latency makes p50 == p95.
+        assert m[f"{key}_latency_p50_ms"] == m[f"{key}_latency_p95_ms"] > 0
+        assert m[f"{key}_tokens_per_s"] > 0
+    assert m["agreement"] == lm["agreement"] and run.data.tags["best"] in ("chat", "onnx")
+
+
+def test_spark_udf_still_cannot_feed_the_chat_model(chat_run):
+    """Why the chat model is scored with mapInPandas: if an MLflow upgrade makes this pass, use spark_udf."""
+    import pandas as pd
+
+    from phi3mlflow import spark_scoring
+
+    spark = spark_scoring.session()
+    try:
+        import pyspark.sql.functions as F
+
+        df = spark.createDataFrame(pd.DataFrame({"q": ["What is the capital of Spain?"]}))
+        messages = F.array(F.struct(F.lit("user").alias("role"), F.col("q").alias("content"))).alias("messages")
+        result_type = "choices array<struct<message: struct<content: string>>>"
+        udf = mlflow.pyfunc.spark_udf(
+            spark, chat_run.run.data.tags["model_uri"], env_manager="local", result_type=result_type
+        )
+        with pytest.raises(Exception, match="Input messages should be list of dictionaries"):
+            df.select(udf(F.struct(messages, F.lit(8).cast("long").alias("max_tokens")))).collect()
+    finally:
+        spark.stop()
+
+
+def test_spark_engine_without_java_fails_before_any_model_loads(int4_run, tmp_path):
+    env_path = tmp_path / "bin"
+    env_path.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "steps.evaluate", "--onnx_model_uri", int4_run.run.data.tags["model_uri"],
+         "--engine", "spark"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "JAVA_HOME"} | {"PATH": str(env_path)},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: engine:") and "Java" in lines[0], proc.stderr

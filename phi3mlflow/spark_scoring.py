@@ -1,0 +1,97 @@
+"""Batch scoring of the question set on Spark, for ``evaluate --engine spark``.
+
+The ONNX pyfunc is scored with ``mlflow.pyfunc.spark_udf`` (string in, string out). The chat model
+cannot be: MLflow 3.17's transformers ``llm/v1/chat`` pyfunc rejects the numpy arrays that Arrow
+hands a pandas UDF for the ``messages`` column ("Input messages should be list of dictionaries"),
+so it is scored with ``mapInPandas``, one model load per partition, the same requests the local
+engine sends. ``tests/test_spark.py`` pins that limitation so an MLflow upgrade that lifts it shows.
+
+Spark has no per-row clock: each answer's latency is the job's wall time divided by the rows it
+scored (so p50 == p95), and tokens/s is the job's throughput, model loading included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+from phi3mlflow.evaluation import Answer, EvaluationInputError, OnnxCaller
+
+
+def check_available() -> None:
+    """Fail before any model work when this machine cannot start Spark."""
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        raise EvaluationInputError("engine: spark needs pyspark: pip install -r requirements-spark.txt") from None
+    java_home = os.environ.get("JAVA_HOME")
+    if not (java_home and os.path.exists(os.path.join(java_home, "bin", "java"))) and not shutil.which("java"):
+        raise EvaluationInputError("engine: spark needs Java 17 or later (set JAVA_HOME or put java on PATH)")
+
+
+def session():
+    """The active session (Databricks, spark-submit) or a local one; master from PYSPARK_SUBMIT_ARGS."""
+    # Workers must run this interpreter: it has the model's libraries and this package.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    return (
+        SparkSession.builder.appName("phi3-evaluate")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
+
+
+def _frame(spark, questions: list[str]):
+    import pandas as pd
+
+    df = spark.createDataFrame(pd.DataFrame({"idx": range(len(questions)), "question": questions}))
+    return df.repartition(min(len(questions), spark.sparkContext.defaultParallelism))
+
+
+def _chat_partitions(uri: str, max_new_tokens: int, temperature: float):
+    def score(batches):
+        import mlflow
+        import pandas as pd
+
+        model = mlflow.pyfunc.load_model(uri)
+        for batch in batches:
+            texts, tokens = [], []
+            for question in batch["question"]:
+                request = {"messages": [{"role": "user", "content": question}], "max_tokens": max_new_tokens}
+                if temperature > 0:
+                    request["temperature"] = temperature
+                [out] = model.predict(request)
+                texts.append(out["choices"][0]["message"]["content"])
+                tokens.append(int(out["usage"]["completion_tokens"]))
+            yield pd.DataFrame({"idx": batch["idx"], "text": texts, "completion_tokens": tokens})
+
+    return score
+
+
+def score(spark, key: str, uri: str, questions: list[str], max_new_tokens: int, temperature: float) -> list[Answer]:
+    """Answer every question with the model at ``uri`` on ``spark``; answers in question order."""
+    import mlflow
+
+    df = _frame(spark, questions)
+    start = time.perf_counter()
+    if key == "onnx":
+        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
+        udf = mlflow.pyfunc.spark_udf(spark, uri, result_type="string", env_manager="local", params=params)
+        df = df.withColumnRenamed("question", "prompt")
+        rows = df.select("idx", udf("prompt").alias("text")).toPandas()
+    else:
+        fn = _chat_partitions(uri, max_new_tokens, temperature)
+        rows = df.mapInPandas(fn, schema="idx long, text string, completion_tokens long").toPandas()
+    per_row_ms = (time.perf_counter() - start) * 1000 / len(questions)
+    rows = rows.sort_values("idx")
+    if key == "onnx":
+        # As the local engine does: the model's own tokenizer counts, plus the end token it stopped on.
+        tokenizer = OnnxCaller(uri).tokenizer
+        counts = [min(len(tokenizer.encode(t)) + 1, max_new_tokens) for t in rows["text"]]
+    else:
+        counts = rows["completion_tokens"].tolist()
+    return [Answer(t, per_row_ms, int(n)) for t, n in zip(rows["text"], counts, strict=True)]

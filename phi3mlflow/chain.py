@@ -19,7 +19,7 @@ SOURCE_TAG = "phi3.source_version"
 # What a profile may set, and so what the chain passes on; main's CLI overrides any of them.
 PROFILE_KEYS = (
     "model", "trust_remote_code", "precision", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens",
-    "temperature", "dataset", "question_column", "answer_column", "select_metric", "registered_model_name",
+    "temperature", "dataset", "question_column", "answer_column", "select_metric", "engine", "registered_model_name",
     "alias", "min_accuracy", "force", "use_cache",
 )  # fmt: skip
 # The project's own files: what a content hash of the source covers outside a clean git tree.

@@ -2,13 +2,13 @@
 
 Inputs (flags, spelled like the MLproject parameters):
   --params_file  the profile (default params/tiny.yaml); the only place params/*.yaml is read
-  --model, --precision, --onnx_model_dir, --max_new_tokens, --temperature,
+  --model, --precision, --onnx_model_dir, --max_new_tokens, --temperature, --engine,
   --registered_model_name, --min_accuracy, --use_cache
                  overrides of the profile's values; empty means "as in the profile"
 Children (nested runs, each started with mlflow.run and the parent's env manager):
   pipeline_wrapper(model, serve_max_new_tokens, temperature, trust_remote_code)
   onnx_wrapper(model, precision, onnx_model_dir, serve_max_new_tokens, temperature)
-  evaluate(both model URIs, dataset, max_new_tokens, temperature, select_metric)
+  evaluate(both model URIs, dataset, max_new_tokens, temperature, select_metric, engine)
   register(the evaluate run, registered_model_name, alias, min_accuracy, force)
 A child whose entry point, parameters and source version match a FINISHED run is reused.
 Logged on the parent: every effective value as ``effective.<name>``, tags child.<step>.run_id and
@@ -22,7 +22,7 @@ import argparse
 from phi3mlflow.chain import PROFILE_KEYS
 from phi3mlflow.cli import StepParser, fail, run_main, true_false
 
-OVERRIDES = ("model", "precision", "onnx_model_dir", "max_new_tokens", "temperature",
+OVERRIDES = ("model", "precision", "onnx_model_dir", "max_new_tokens", "temperature", "engine",
              "registered_model_name", "min_accuracy", "use_cache")  # fmt: skip
 
 
@@ -66,6 +66,10 @@ def plan(args) -> dict:
     try:
         load_dataset(values["dataset"], values["question_column"], values["answer_column"])
         check_names(values["registered_model_name"], values["alias"], mlflow.get_registry_uri())
+        if values["engine"] == "spark":
+            from phi3mlflow.spark_scoring import check_available
+
+            check_available()
     except (EvaluationInputError, RegisterInputError) as e:
         param, _, message = str(e).partition(": ")
         fail(param, message)
@@ -81,7 +85,8 @@ WIRING = {
                      "max_new_tokens": "serve_max_new_tokens", "temperature": "temperature"},
     "evaluate": {"chat_model_uri": "@chat", "onnx_model_uri": "@onnx", "dataset": "dataset",
                  "question_column": "question_column", "answer_column": "answer_column",
-                 "max_new_tokens": "max_new_tokens", "temperature": "temperature", "select_metric": "select_metric"},
+                 "max_new_tokens": "max_new_tokens", "temperature": "temperature", "select_metric": "select_metric",
+                 "engine": "engine"},
     "register": {"eval_run_id": "@eval", "registered_model_name": "registered_model_name", "alias": "alias",
                  "min_accuracy": "min_accuracy", "force": "force"},
 }  # fmt: skip

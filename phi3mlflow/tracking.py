@@ -7,14 +7,20 @@ import re
 from phi3mlflow import PROJECT_ROOT
 
 
-def pinned(*names: str) -> list[str]:
-    """The ``name==version`` pins for ``names`` from requirements.txt, the one source of versions."""
+def requirement_pins() -> dict[str, str]:
+    """Every ``name==version`` line of requirements.txt, the one source of versions, by lower-case name."""
     pins = {}
     for line in (PROJECT_ROOT / "requirements.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)$", line)
         if m:
             pins[m.group(1).lower()] = line
+    return pins
+
+
+def pinned(*names: str) -> list[str]:
+    """The ``name==version`` pins for ``names`` from requirements.txt."""
+    pins = requirement_pins()
     missing = [n for n in names if n.lower() not in pins]
     if missing:
         raise KeyError(f"requirements.txt pins none of {missing}")

@@ -1,0 +1,124 @@
+"""Databricks: the ``-b databricks`` submission through MLflow's real code against a loopback fake of
+the workspace, and the scheduled-job bundle validated with Databricks' own job model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from phi3mlflow.tracking import requirement_pins
+from tests.conftest import ROOT
+from tests.databricks_fake import JOB_RUN_ID, FakeWorkspace
+
+TOKEN = "dapi-test-" + os.urandom(8).hex()
+HUB_TOKEN = "hf_test_" + os.urandom(8).hex()
+UC_NAME = "main.default.phi3_chat"
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """The working tree as a user's checkout: its project files committed, plus the litter a checkout
+    gathers (a venv, a tracking database, caches, a .env holding the token)."""
+    dest = tmp_path_factory.mktemp("checkout")
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
+                           capture_output=True, check=True).stdout.decode().split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes((ROOT / rel).read_bytes())
+    git = ["git", "-C", str(dest), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "checkout"], check=True)
+    litter = {".venv/bin/python": "venv", "mlflow.db": "sqlite", "mlruns/0/meta.yaml": "runs",
+              ".env": f"DATABRICKS_TOKEN={TOKEN}\nHF_TOKEN={HUB_TOKEN}\n", "outputs/answers.json": "{}",
+              "steps/__pycache__/main.cpython-311.pyc": "pyc"}  # fmt: skip
+    for rel, text in litter.items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_text(text)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def submission(checkout, tracking_uri):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN", "MLFLOW_EXPERIMENT"))}
+    with FakeWorkspace(TOKEN, tracking_uri) as ws:
+        env |= {"MLFLOW_TRACKING_URI": "databricks", "DATABRICKS_HOST": ws.url, "DATABRICKS_TOKEN": TOKEN,
+                "HF_TOKEN": HUB_TOKEN}  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "scripts/databricks_submit.py", "-e", "main", "--experiment-name", "/Shared/phi3-mlflow",
+             "-P", f"registered_model_name={UC_NAME}", "-P", "precision=int8"],
+            cwd=checkout, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, ws.recorded
+
+
+def test_submission_goes_through_mlflows_databricks_backend(submission):
+    proc, rec = submission
+    assert f"Launched MLflow run as Databricks job run with ID {JOB_RUN_ID}" in proc.stderr
+    assert rec.unauthorised == [] and rec.unexpected == []
+    assert ("POST", "/api/2.0/jobs/runs/submit") in rec.requests
+    assert len(rec.submitted) == 1 and len(rec.files) == 1
+
+
+def test_submitted_job_runs_main_on_the_pinned_cluster(submission, checkout):
+    _, rec = submission
+    [job] = rec.submitted
+    config = json.loads((ROOT / "deploy" / "cluster.json").read_text())
+    assert job["new_cluster"] == config["new_cluster"]
+    # MLflow adds its own pin; with it, the cluster gets exactly requirements.txt.
+    packages = [lib["pypi"]["package"] for lib in job["libraries"]]
+    assert sorted(packages) == sorted(requirement_pins().values()) and len(packages) == len(set(packages))
+    # Internal options of mlflow run must not leak into the cluster spec.
+    assert not any(k.isupper() for k in job["new_cluster"])
+    task = job["shell_command_task"]
+    assert set(task["env_vars"]) == {"MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"}
+    assert task["env_vars"]["MLFLOW_TRACKING_URI"] == "databricks"
+    bash, flag, script = task["command"]
+    assert (bash, flag) == ("bash", "-c")
+    [upload] = rec.files
+    assert f"/dbfs{upload}" in script
+    run_line = next(line for line in script.splitlines() if line.strip().startswith("mlflow run"))
+    argv = shlex.split(run_line)
+    assert argv[argv.index("--entry-point") + 1] == "main"
+    assert argv[argv.index("--env-manager") + 1] == "local"
+    params = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "-P")
+    assert params == {"registered_model_name": UC_NAME, "precision": "int8"}
+
+
+def test_uploaded_tarball_is_the_project_and_nothing_else(submission, checkout):
+    _, rec = submission
+    [data] = rec.files.values()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
+        contents = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
+    expected = set(subprocess.run(["git", "-C", str(checkout), "ls-files"], capture_output=True, text=True,
+                                  check=True).stdout.split())  # fmt: skip
+    assert names == expected
+    assert {"MLproject", "steps/main.py", "deploy/cluster.json", "data/questions.jsonl"} <= names
+    for litter in (".venv", "mlflow.db", "mlruns", ".env", "__pycache__", "outputs", ".git/"):
+        assert not any(n.startswith(litter) or f"/{litter}" in n for n in names), litter
+    assert TOKEN.encode() not in contents and HUB_TOKEN.encode() not in contents
+
+
+def test_run_is_recorded_and_secrets_are_nowhere(submission, tracking_uri):
+    import mlflow
+
+    proc, _ = submission
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("/Shared/phi3-mlflow")
+    [run] = client.search_runs([exp.experiment_id])
+    tags = run.data.tags
+    assert tags["mlflow.project.backend"] == "databricks"
+    assert tags["mlflow.databricks.runURL"].endswith(f"/run/{JOB_RUN_ID}")
+    assert run.data.params["registered_model_name"] == UC_NAME
+    recorded = json.dumps({"params": run.data.params, "tags": tags}) + proc.stdout + proc.stderr
+    assert TOKEN not in recorded and HUB_TOKEN not in recorded

@@ -6,12 +6,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import tarfile
 
 import pytest
+import yaml
 
 from phi3mlflow.tracking import requirement_pins
 from tests.conftest import ROOT
@@ -112,7 +114,7 @@ def test_uploaded_tarball_is_the_project_and_nothing_else(submission, checkout):
 def test_run_is_recorded_and_secrets_are_nowhere(submission, tracking_uri):
     import mlflow
 
-    proc, _ = submission
+    proc, rec = submission
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("/Shared/phi3-mlflow")
     [run] = client.search_runs([exp.experiment_id])
@@ -120,5 +122,83 @@ def test_run_is_recorded_and_secrets_are_nowhere(submission, tracking_uri):
     assert tags["mlflow.project.backend"] == "databricks"
     assert tags["mlflow.databricks.runURL"].endswith(f"/run/{JOB_RUN_ID}")
     assert run.data.params["registered_model_name"] == UC_NAME
+    # The job continues this very run, so the cluster's results land on it.
+    script = rec.submitted[0]["shell_command_task"]["command"][2]
+    argv = shlex.split(next(line for line in script.splitlines() if line.strip().startswith("mlflow run")))
+    assert list(json.loads(argv[argv.index("-c") + 1]).values()) == [run.info.run_id]
     recorded = json.dumps({"params": run.data.params, "tags": tags}) + proc.stdout + proc.stderr
     assert TOKEN not in recorded and HUB_TOKEN not in recorded
+
+
+def _bundle() -> dict:
+    return yaml.safe_load((ROOT / "databricks.yml").read_text())
+
+
+def _jobs() -> dict:
+    return _bundle()["resources"]["jobs"]
+
+
+def test_bundle_jobs_pass_databricks_own_job_model():
+    from databricks.bundles.jobs import Job
+
+    assert _jobs()
+    for job in _jobs().values():
+        Job.from_dict(job)
+    # The validator is strict, so a pass means something: a misspelt key or a bad enum is refused.
+    job = next(iter(_jobs().values()))
+    with pytest.raises(ValueError, match="spark_python_tsk"):
+        Job.from_dict({**job, "tasks": [{"task_key": "t", "spark_python_tsk": {}}]})
+    with pytest.raises(ValueError, match="SOMETIMES"):
+        Job.from_dict({**job, "schedule": {**job["schedule"], "pause_status": "SOMETIMES"}})
+
+
+def test_bundle_references_resolve_and_libraries_are_our_pins():
+    bundle = _bundle()
+    used = set(re.findall(r"\$\{var\.(\w+)\}", (ROOT / "databricks.yml").read_text()))
+    assert used <= set(bundle["variables"]), used - set(bundle["variables"])
+    for job in _jobs().values():
+        clusters = {c["job_cluster_key"] for c in job["job_clusters"]}
+        tasks = {t["task_key"] for t in job["tasks"]}
+        params = {p["name"] for p in job["parameters"]}
+        fields = job["schedule"]["quartz_cron_expression"].split()
+        assert 6 <= len(fields) <= 7 and job["schedule"]["timezone_id"]
+        for task in job["tasks"]:
+            assert (ROOT / task["spark_python_task"]["python_file"]).is_file()
+            assert task["job_cluster_key"] in clusters
+            assert {d["task_key"] for d in task.get("depends_on", [])} <= tasks - {task["task_key"]}
+            refs = set(re.findall(r"\{\{job\.parameters\.(\w+)\}\}", json.dumps(task)))
+            assert refs <= params, refs - params
+            assert sorted(lib["pypi"]["package"] for lib in task["libraries"]) == sorted(requirement_pins().values())
+
+
+def test_bundle_chain_task_with_default_parameters_is_a_valid_unity_catalog_plan(monkeypatch):
+    from phi3mlflow.registry import check_names
+    from steps import main
+
+    variables = {k: v["default"] for k, v in _bundle()["variables"].items()}
+
+    def resolve(text: str) -> str:
+        return re.sub(r"\$\{var\.(\w+)\}", lambda m: variables[m.group(1)], text)
+
+    job = _jobs()["phi3_chain"]
+    defaults = {p["name"]: resolve(p["default"]) for p in job["parameters"]}
+    # Every flag of main is a job parameter, so a run can override any of them.
+    assert set(defaults) == {"params_file", *main.OVERRIDES}
+    [task] = [t for t in job["tasks"] if t["spark_python_task"]["python_file"] == "deploy/run_chain.py"]
+    argv = [re.sub(r"\{\{job\.parameters\.(\w+)\}\}", lambda m: defaults[m.group(1)], a)
+            for a in task["spark_python_task"]["parameters"]]  # fmt: skip
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "databricks-uc")
+    monkeypatch.chdir(ROOT)
+    values = main.plan(main.parse_args(argv))
+    assert values["registered_model_name"].count(".") == 2
+    check_names(values["registered_model_name"], values["alias"], "databricks-uc")
+    env = job["job_clusters"][0]["new_cluster"]["spark_env_vars"]
+    assert env["MLFLOW_REGISTRY_URI"] == "databricks-uc" and resolve(env["MLFLOW_EXPERIMENT_NAME"]).startswith("/")
+
+
+def test_job_entry_point_runs_main_from_any_working_directory(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "deploy" / "run_chain.py"), "--params_file", "nope.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: params_file: no such profile"), proc.stderr

@@ -190,14 +190,16 @@ def test_spark_udf_still_cannot_feed_the_chat_model(chat_run):
     try:
         import pyspark.sql.functions as F
 
-        df = spark.createDataFrame(pd.DataFrame({"q": ["What is the capital of Spain?"]}))
-        messages = F.array(F.struct(F.lit("user").alias("role"), F.col("q").alias("content"))).alias("messages")
+        df = spark.createDataFrame(pd.DataFrame({"q": ["What is the capital of Spain?"]})).select(
+            F.array(F.struct(F.lit("user").alias("role"), F.col("q").alias("content"))).alias("messages"),
+            F.lit(8).cast("long").alias("max_tokens"),
+        )
         result_type = "choices array<struct<message: struct<content: string>>>"
         udf = mlflow.pyfunc.spark_udf(
             spark, chat_run.run.data.tags["model_uri"], env_manager="local", result_type=result_type
         )
         with pytest.raises(Exception, match="Input messages should be list of dictionaries"):
-            df.select(udf(F.struct(messages, F.lit(8).cast("long").alias("max_tokens")))).collect()
+            df.withColumn("answer", udf(F.struct("messages", "max_tokens"))).collect()
     finally:
         spark.stop()
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,15 +84,14 @@ class Setup:
             model = str(model_dir)
             prompt = "Describe in detail the history of the old mountain village and its people near the coast."
         uris = {
-            "chat": pipeline_wrapper.main(
-                Namespace(model=model, max_new_tokens=new_tokens, temperature=0.0, trust_remote_code=False)
-            ),  # fmt: skip
+            "chat": pipeline_wrapper.main(pipeline_wrapper.parse_args(["--model", model, "--max_new_tokens",
+                                                                       str(new_tokens)])),  # fmt: skip
         }
         folders = {}
         for p in ("fp32", "int4"):
             folders[p] = export(str(model_dir), p)
-            uris[p] = onnx_wrapper.main(Namespace(model=model, precision=p, onnx_model_dir="",
-                                                  max_new_tokens=new_tokens, temperature=0.0))  # fmt: skip
+            uris[p] = onnx_wrapper.main(onnx_wrapper.parse_args(["--model", model, "--precision", p,
+                                                                 "--max_new_tokens", str(new_tokens)]))  # fmt: skip
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
@@ -249,12 +247,12 @@ def register_champion(s: Setup) -> str:
 
     data = s.tmp / "two.jsonl"
     data.write_text("\n".join((PROJECT_ROOT / "data/questions.jsonl").read_text().splitlines()[:2]) + "\n")
-    evaluate.main(Namespace(chat_model_uri="", onnx_model_uri=s.uris["int4"], dataset=str(data),
-                            question_column="question", answer_column="answer", max_new_tokens=s.new_tokens,
-                            temperature=0.0, select_metric="accuracy"))  # fmt: skip
+    # Through each step's own parser, so the steps' defaults fill what is not given here.
+    evaluate.main(evaluate.parse_args(["--onnx_model_uri", s.uris["int4"], "--dataset", str(data),
+                                       "--max_new_tokens", str(s.new_tokens)]))  # fmt: skip
     eval_run = mlflow.last_active_run()
-    register.main(Namespace(eval_run_id=eval_run.info.run_id, registered_model_name="bench-champion",
-                            alias="champion", min_accuracy=0.0, force=True))  # fmt: skip
+    register.main(register.parse_args(["--eval_run_id", eval_run.info.run_id, "--registered_model_name",
+                                       "bench-champion", "--min_accuracy", "0", "--force", "true"]))  # fmt: skip
     return "models:/bench-champion@champion"
 
 

@@ -84,8 +84,9 @@ class Setup:
             model = str(model_dir)
             prompt = "Describe in detail the history of the old mountain village and its people near the coast."
         uris = {
-            "chat": pipeline_wrapper.main(pipeline_wrapper.parse_args(["--model", model, "--max_new_tokens",
-                                                                       str(new_tokens)])),  # fmt: skip
+            "chat": pipeline_wrapper.main(
+                pipeline_wrapper.parse_args(["--model", model, "--max_new_tokens", str(new_tokens)])
+            ),  # fmt: skip
         }
         folders = {}
         for p in ("fp32", "int4"):
@@ -152,6 +153,15 @@ def onnx_overhead(s: Setup, precision: str, pairs: int) -> dict:
     )
     out["same_output"] = wrapped.predict({"prompt": s.prompt})[0] == raw(s.prompt, s.new_tokens)
     return out
+
+
+def noise_floor(s: Setup, precision: str, pairs: int) -> dict:
+    """A/A: the raw generate loop against itself, measured like the overhead figures. Its spread is
+    what the machine alone does to a ratio."""
+    from phi3mlflow.genai import default_threads
+
+    raw = RawGenAI(s.folders[precision], default_threads())
+    return interleaved(lambda: raw(s.prompt, s.new_tokens), lambda: raw(s.prompt, s.new_tokens), pairs, reps=s.reps)
 
 
 def _chat_request(s: Setup, max_tokens: int) -> dict:

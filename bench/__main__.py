@@ -5,6 +5,7 @@ Every figure is the median of per-pair ratios A/B, with A and B measured interle
 same number of new tokens and threads on both sides. Prints a markdown table and writes JSON.
 
   python -m bench [--out bench.json] [--quick] [--pairs N]
+  python -m bench --peer llamacpp [--out bench-peer.json] [--pairs N]
 
 --quick runs the tiny mode (the built-in model, few tokens, one pair) that the test suite uses so
 the benchmark cannot rot; the full mode uses a ~42 M-parameter random-weight Phi-3.
@@ -41,7 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench-results.json", help="where the JSON results go")
     p.add_argument("--quick", action="store_true", help="tiny mode: built-in model, few tokens, one pair")
     p.add_argument("--pairs", type=int, default=0, help="interleaved pairs per figure (default 7, quick 1)")
+    p.add_argument(
+        "--peer", choices=("llamacpp",), help="instead: the ONNX wrapper against a peer runtime (bench/peer.py)"
+    )
     args = p.parse_args(argv)
+    if args.peer and args.quick:
+        p.error("--peer runs the full-size model only")
     args.pairs = args.pairs or (1 if args.quick else 7)
     if args.pairs < 1:
         p.error("--pairs must be >= 1")
@@ -83,6 +89,8 @@ def main(args) -> dict:
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("bench")
         setup = fig.Setup.create(quick=args.quick, tmp=Path(tmp))
+        if args.peer:
+            return peer_main(args, setup, Path(tmp))
         results = {}
         # A wrapper's cost is ~1% of a call, far below what a shared 2-core machine's noise does to
         # a 7-pair median (an A/A comparison spans 0.9-1.15): the overhead figures take 3x the pairs
@@ -118,6 +126,22 @@ def main(args) -> dict:
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report))
     print(f"\nwrote {args.out}")
+    return report
+
+
+def peer_main(args, setup, tmp: Path) -> dict:
+    from bench import peer
+
+    section = peer.run(setup, args.pairs, tmp)
+    report = {**section, "mode": "peer-llamacpp", "model": setup.describe(), "new_tokens": setup.new_tokens,
+              "prompt_tokens": setup.prompt_tokens, "pairs": args.pairs, "calls_per_side": setup.reps,
+              **environment()}  # fmt: skip
+    out = Path(args.out if args.out != "bench-results.json" else "bench-peer.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{report['model']}, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
+          f"{report['pairs']} pairs, {report['cores']} threads, {report['cpu']}, {report['date']}")  # fmt: skip
+    print(peer.markdown(report))
+    print(f"\nwrote {out}")
     return report
 
 

@@ -1,0 +1,250 @@
+"""``python -m bench --peer llamacpp``: the logged ONNX pyfunc and raw ORT GenAI against llama.cpp
+(through llama-cpp-python) on the same random-weight Phi-3, the same prompt ids and the same cores.
+
+An optional extra, never run by the test suite or CI: it needs llama-cpp-python (compiled from
+source, see requirements-peer.txt) and fetches the matching sdist from the package index for
+llama.cpp's own ``convert_hf_to_gguf.py``.
+
+The bench model is converted to GGUF F32 and F16 by that script, then quantised by llama.cpp to
+Q8_0 and Q4_0 with every tensor Q4_0 ("pure", closest to the ORT int4 export). Each figure is the
+median of interleaved per-pair ratios of llama.cpp's time over ours for the same 128 greedy tokens
+after the same prompt ids, prompt processing included, so > 1 means we are faster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from bench import figures as fig
+
+# Quantisation types of llama.h (llama_ftype).
+FTYPES = {"q4_0": 2, "q8_0": 7}
+# The ORT GenAI precision each llama.cpp format is compared with, by figure name.
+PAIRS = {
+    "onnx_int4_vs_llamacpp_q4_0": ("int4", "q4_0"),
+    "onnx_int8_vs_llamacpp_q8_0": ("int8", "q8_0"),
+    "onnx_fp32_vs_llamacpp_f16": ("fp32", "f16"),
+}
+TARGETS = {"onnx_int4_vs_llamacpp_q4_0": 1.10, "onnx_int8_vs_llamacpp_q8_0": 1.15}
+
+# convert_hf_to_gguf refuses a BPE vocabulary whose pre-tokenizer it has no hash for (ours is
+# self-trained). Its split is the byte-level GPT-2 regex, which llama.cpp calls "gpt-2".
+_CONVERT = """
+import sys
+sys.path[:0] = [sys.argv.pop(1), sys.argv.pop(1)]
+import convert_hf_to_gguf
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+convert_hf_to_gguf.main()
+"""
+
+
+def llama_cpp_source(tmp: Path) -> tuple[Path, str]:
+    """llama.cpp's converter and gguf-py from the sdist of the installed llama-cpp-python (the tree it
+    was built from), and the llama.cpp commit its changelog names for that release."""
+    from importlib.metadata import version
+
+    v = version("llama-cpp-python")
+    dl = tmp / "sdist"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                    f"llama-cpp-python=={v}", "-d", str(dl)], check=True)  # fmt: skip
+    [archive] = dl.glob("llama_cpp_python-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith("/CHANGELOG.md") or "/vendor/llama.cpp/" in m.name
+                   and any(k in m.name for k in ("/gguf-py/", "/conversion/", "convert_hf_to_gguf.py"))]  # fmt: skip
+        tar.extractall(tmp / "src", members=members, filter="data")
+    root = next((tmp / "src").glob("llama_cpp_python-*"))
+    release = (root / "CHANGELOG.md").read_text().split(f"## [{v}]", 1)[-1].split("\n## [", 1)[0]
+    commit = re.search(r"llama\.cpp@([0-9a-f]{7,40})", release)
+    return root / "vendor" / "llama.cpp", commit.group(1) if commit else "unknown"
+
+
+def convert(model_dir: Path, src: Path, out: Path, outtype: str) -> Path:
+    script = out.parent / "convert.py"
+    script.write_text(_CONVERT)
+    proc = subprocess.run([sys.executable, str(script), str(src), str(src / "gguf-py"), str(model_dir),
+                           "--outtype", outtype, "--outfile", str(out),
+                           # A name with "phi3" in it makes llama.cpp give Phi-3's own special tokens
+                           # (</s>, <unk>) attributes, and fail to load a vocabulary without them.
+                           "--model-name", "bench-random"], capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf --outtype {outtype} failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
+def quantize(f16: Path, out: Path, kind: str) -> Path:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[kind]
+    params.pure = True
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize to {kind} failed")
+    return out
+
+
+class LlamaCpp:
+    """Greedy generation from prompt ids with llama.cpp; the KV cache is cleared per call."""
+
+    SETTINGS = {"n_ctx": 512, "n_batch": 512, "flash_attn": False, "type_k": "f16", "type_v": "f16"}
+
+    def __init__(self, gguf: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
+                         flash_attn=False, verbose=False, seed=0)  # fmt: skip
+
+    def ids(self, prompt_ids: list[int], new_tokens: int) -> list[int]:
+        self.llm.reset()
+        out = []
+        for token in self.llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == new_tokens:
+                break
+        return out
+
+    def first_token(self, prompt_ids: list[int]) -> int:
+        return self.ids(prompt_ids, 1)[0]
+
+
+def build_info(commit: str) -> dict:
+    import llama_cpp
+
+    system = llama_cpp.llama_print_system_info().decode()
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp_commit": commit,
+        "build_flags": os.environ.get("PHI3_LLAMA_CMAKE_ARGS", "see requirements-peer.txt"),
+        "system_info": system,
+        "settings": LlamaCpp.SETTINGS | {"quantization": "pure (every tensor the named type)"},
+    }
+
+
+def run(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
+    """Every peer figure, the greedy parity check, TTFT and peak RSS; returns the JSON section."""
+    from phi3mlflow.genai import GenAIChat, SearchOptions, default_threads
+    from phi3mlflow.onnx_export import export
+    from steps import onnx_wrapper
+
+    threads = default_threads()
+    gguf_dir = tmp / "gguf"
+    gguf_dir.mkdir()
+    src, commit = llama_cpp_source(tmp)
+    ggufs = {t: convert(setup.model_dir, src, gguf_dir / f"model-{t}.gguf", t) for t in ("f32", "f16")}
+    for kind in FTYPES:
+        ggufs[kind] = quantize(ggufs["f16"], gguf_dir / f"model-{kind}.gguf", kind)
+    folders = {p: export(str(setup.model_dir), p) for p in ("fp32", "int8", "int4")}
+    # fp16 is not a precision the wrapper offers (no fp16 kernels on most CPUs), so it is measured raw.
+    folders["fp16"] = tmp / "ort-fp16"
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(setup.model_dir),
+                    "-o", str(folders["fp16"]), "-p", "fp16", "-e", "cpu", "-c", str(tmp / "hf-cache")],
+                   check=True, capture_output=True)  # fmt: skip
+    uris = dict(setup.uris)
+    uris["int8"] = onnx_wrapper.main(onnx_wrapper.parse_args(["--model", str(setup.model_dir), "--precision", "int8",
+                                                               "--max_new_tokens", str(setup.new_tokens)]))  # fmt: skip
+
+    chat = GenAIChat(folders["fp32"], threads)
+    prompt_ids = [int(t) for t in chat.encode(setup.prompt)]
+    opts = SearchOptions(max_new_tokens=setup.new_tokens)
+    n = setup.new_tokens
+
+    # Parity: llama.cpp F32 and ORT fp32 greedy ids for the same prompt ids.
+    f32 = LlamaCpp(ggufs["f32"], threads)
+    llama_tokens = f32.llm.tokenize(chat.format_prompt(setup.prompt).encode(), add_bos=False, special=True)
+    parity = {
+        "same_prompt_ids": list(llama_tokens) == list(prompt_ids),
+        "f32_ids_equal_ort_fp32": f32.ids(prompt_ids, n) == chat.generate_ids(prompt_ids, opts),
+    }
+    del f32
+
+    import mlflow
+
+    figures, raw_figures, ttft = {}, {}, {}
+    for name, (precision, kind) in PAIRS.items():
+        llama = LlamaCpp(ggufs[kind], threads)
+        wrapped = mlflow.pyfunc.load_model(uris[precision])
+        raw = fig.RawGenAI(folders[precision], threads)
+        figures[name] = fig.interleaved(
+            lambda llama=llama: llama.ids(prompt_ids, n),
+            lambda w=wrapped: w.predict({"prompt": setup.prompt}, params={"max_new_tokens": n}),
+            pairs, reps=setup.reps,
+        )  # fmt: skip
+        raw_figures[name.replace("onnx_", "raw_ortgenai_")] = fig.interleaved(
+            lambda llama=llama: llama.ids(prompt_ids, n), lambda r=raw: r(setup.prompt, n), pairs, reps=setup.reps
+        )
+        t = fig.interleaved(
+            lambda llama=llama: llama.first_token(prompt_ids),
+            lambda w=wrapped: w.predict({"prompt": setup.prompt}, params={"max_new_tokens": 1}),
+            max(pairs, 3),
+        )
+        ttft[f"llamacpp_{kind}"], ttft[f"onnx_{precision}"] = t["a_median_s"], t["b_median_s"]
+        del llama, wrapped, raw
+    f16, ort16 = LlamaCpp(ggufs["f16"], threads), fig.RawGenAI(folders["fp16"], threads)
+    raw_figures["raw_ortgenai_fp16_vs_llamacpp_f16"] = fig.interleaved(
+        lambda: f16.ids(prompt_ids, n), lambda: ort16(setup.prompt, n), pairs, reps=setup.reps
+    )
+    for r in (figures | raw_figures).values():
+        r["a_tokens_per_s"], r["b_tokens_per_s"] = n / r["a_median_s"], n / r["b_median_s"]
+    return {
+        **{name: r["median"] for name, r in figures.items()},
+        "parity": parity,
+        "llamacpp": build_info(commit),
+        "figures": figures,
+        "raw_figures": raw_figures,
+        "ttft_s": ttft,
+        "peak_rss_mb": peak_rss(ggufs, uris, prompt_ids, setup, threads),
+        "gguf_mb": {k: round(p.stat().st_size / 2**20, 1) for k, p in ggufs.items()},
+    }
+
+
+_RSS = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from bench.peer import LlamaCpp
+LlamaCpp(Path(sys.argv[2]), int(sys.argv[3])).ids(json.loads(sys.argv[4]), int(sys.argv[5]))
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+
+
+def peak_rss(ggufs: dict, uris: dict, prompt_ids, setup: fig.Setup, threads: int) -> dict:
+    from phi3mlflow import PROJECT_ROOT
+
+    out = {}
+    for kind in ("q4_0", "q8_0", "f16"):
+        proc = subprocess.run([sys.executable, "-c", _RSS, str(PROJECT_ROOT), str(ggufs[kind]), str(threads),
+                               json.dumps(list(prompt_ids)), str(setup.new_tokens)],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        out[f"llamacpp_{kind}"] = int(proc.stdout.strip().splitlines()[-1]) / 1024
+    for precision in ("int4", "int8", "fp32"):
+        proc = subprocess.run([sys.executable, "-c", fig._RSS, uris[precision], json.dumps({"prompt": setup.prompt})],
+                              capture_output=True, text=True, check=True, env=dict(os.environ))  # fmt: skip
+        out[f"onnx_{precision}"] = int(proc.stdout.strip().splitlines()[-1]) / 1024
+    return out
+
+
+def markdown(report: dict) -> str:
+    rows = [
+        "| figure | median | min | max | ours tok/s | llama.cpp tok/s | target | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in {**report["figures"], **report["raw_figures"]}.items():
+        target = TARGETS.get(name)
+        met = "" if target is None else ("yes" if r["median"] >= target else "no")
+        goal = f">= {target}" if target else "(reported)"
+        rows.append(
+            f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {r['b_tokens_per_s']:.0f} | "
+            f"{r['a_tokens_per_s']:.0f} | {goal} | {met} |"
+        )
+    ttft = ", ".join(f"{k} {v * 1000:.1f}" for k, v in report["ttft_s"].items())
+    rss = ", ".join(f"{k} {v:.0f}" for k, v in report["peak_rss_mb"].items())
+    return "\n".join(
+        [*rows, "", f"parity: {report['parity']}", f"time to first token (ms): {ttft}", f"peak RSS (MB): {rss}"]
+    )

@@ -23,6 +23,10 @@ from pathlib import Path
 
 from bench import figures as fig
 
+DOCUMENTED_CMAKE_ARGS = (
+    "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
+)
 # Quantisation types of llama.h (llama_ftype).
 FTYPES = {"q4_0": 2, "q8_0": 7}
 # The ORT GenAI precision each llama.cpp format is compared with, by figure name.
@@ -121,7 +125,8 @@ def build_info(commit: str) -> dict:
     return {
         "llama_cpp_python": llama_cpp.__version__,
         "llama_cpp_commit": commit,
-        "build_flags": os.environ.get("PHI3_LLAMA_CMAKE_ARGS", "see requirements-peer.txt"),
+        # The build does not record its flags: CMAKE_ARGS of this shell if set, else the documented ones.
+        "build_flags": os.environ.get("CMAKE_ARGS") or f"{DOCUMENTED_CMAKE_ARGS} (requirements-peer.txt)",
         "system_info": system,
         "settings": LlamaCpp.SETTINGS | {"quantization": "pure (every tensor the named type)"},
     }

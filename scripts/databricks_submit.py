@@ -33,11 +33,12 @@ def project_files(root: Path) -> list[str]:
     return sorted({f for f in out.decode().split("\0") if f and (root / f).is_file()})
 
 
-def stage(root: Path, dest: Path) -> Path:
-    for rel in project_files(root):
+def stage(root: Path, dest: Path) -> list[str]:
+    files = project_files(root)
+    for rel in files:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, dest / rel)
-    return dest
+    return files
 
 
 def main(argv: list[str]) -> int:
@@ -48,9 +49,10 @@ def main(argv: list[str]) -> int:
     if "--backend-config" not in extra and not any(a.startswith("--backend-config=") for a in extra):
         extra = ["--backend-config", str(DEFAULT_BACKEND_CONFIG), *extra]
     with tempfile.TemporaryDirectory(prefix="phi3-databricks-") as tmp:
-        project = stage(ROOT, Path(tmp) / "project")
+        project = Path(tmp) / "project"
+        files = stage(ROOT, project)
         cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-b", "databricks", "--env-manager", "local"]
-        print(f"databricks_submit: {len(project_files(ROOT))} files staged from {ROOT}", flush=True)
+        print(f"databricks_submit: {len(files)} files staged from {ROOT}", flush=True)
         return subprocess.run(cmd + extra, cwd=ROOT).returncode
 
 

@@ -71,6 +71,15 @@ class Answer:
     completion_tokens: int
 
 
+def chat_request(question: str, max_new_tokens: int, temperature: float) -> dict:
+    """The OpenAI-style request both engines send the chat model for one question."""
+    request = {"messages": [{"role": "user", "content": question}], "max_tokens": max_new_tokens}
+    if temperature > 0:
+        # Samples only if the model was logged with temperature > 0 (transformers' do_sample).
+        request["temperature"] = temperature
+    return request
+
+
 class ChatCaller:
     """The llm/v1/chat model, called with an OpenAI-style chat request as a user would."""
 
@@ -82,10 +91,7 @@ class ChatCaller:
         self.model = mlflow.pyfunc.load_model(uri)
 
     def __call__(self, question: str, max_new_tokens: int, temperature: float) -> Answer:
-        request = {"messages": [{"role": "user", "content": question}], "max_tokens": max_new_tokens}
-        if temperature > 0:
-            # Samples only if the model was logged with temperature > 0 (transformers' do_sample).
-            request["temperature"] = temperature
+        request = chat_request(question, max_new_tokens, temperature)
         start = time.perf_counter()
         [out] = self.model.predict(request)
         ms = (time.perf_counter() - start) * 1000

@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 
-from phi3mlflow.evaluation import Answer, EvaluationInputError, OnnxCaller
+from phi3mlflow.evaluation import Answer, EvaluationInputError, OnnxCaller, chat_request
 
 
 def check_available() -> None:
@@ -61,10 +61,7 @@ def _chat_partitions(uri: str, max_new_tokens: int, temperature: float):
         for batch in batches:
             texts, tokens = [], []
             for question in batch["question"]:
-                request = {"messages": [{"role": "user", "content": question}], "max_tokens": max_new_tokens}
-                if temperature > 0:
-                    request["temperature"] = temperature
-                [out] = model.predict(request)
+                [out] = model.predict(chat_request(question, max_new_tokens, temperature))
                 texts.append(out["choices"][0]["message"]["content"])
                 tokens.append(int(out["usage"]["completion_tokens"]))
             yield pd.DataFrame({"idx": batch["idx"], "text": texts, "completion_tokens": tokens})

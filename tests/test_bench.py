@@ -8,7 +8,7 @@ import sys
 from tests.conftest import ROOT
 
 FIGURES = ("onnx_overhead_fp32", "onnx_overhead_int4", "chat_overhead", "int4_vs_chat_speedup",
-           "cache_rerun_ratio", "serve_vs_inprocess", "noise_floor_int4")  # fmt: skip
+           "cache_rerun_ratio", "serve_vs_inprocess", "noise_floor_int4", "cache_rerun_floor")  # fmt: skip
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path, model_cache):

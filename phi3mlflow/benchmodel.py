@@ -41,31 +41,16 @@ def bench_model_dir() -> Path:
 
 def _build(out: Path) -> None:
     import torch
-    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+    from transformers import Phi3ForCausalLM
 
     tok = tiny.train_tokenizer(_corpus(), vocab_size=SHAPE["vocab_size"])
     tiny.save_tokenizer(tok, out, model_max_length=SHAPE["max_position_embeddings"])
     ids = {t: tok.token_to_id(t) for t in tiny.SPECIAL_TOKENS}
     torch.manual_seed(SHAPE["seed"])
-    config = Phi3Config(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=SHAPE["hidden_size"],
-        intermediate_size=SHAPE["intermediate_size"],
-        num_hidden_layers=SHAPE["num_hidden_layers"],
-        num_attention_heads=SHAPE["num_attention_heads"],
-        num_key_value_heads=SHAPE["num_attention_heads"],
-        max_position_embeddings=SHAPE["max_position_embeddings"],
-        original_max_position_embeddings=SHAPE["max_position_embeddings"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
+    config = tiny.phi3_config(SHAPE, tok.get_vocab_size(), ids)
     model = Phi3ForCausalLM(config).eval()
     with torch.no_grad():
         for t in ("<|end|>", "<|endoftext|>"):
             model.lm_head.weight[ids[t]].zero_()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], do_sample=False
-    )
+    model.generation_config = tiny.greedy_generation_config(ids)
     model.save_pretrained(out)

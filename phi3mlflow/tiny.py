@@ -166,10 +166,44 @@ def render_prompt(question: str) -> str:
     return f"<|user|>\n{question}<|end|>\n<|assistant|>\n"
 
 
+def phi3_config(shape: dict, vocab_size: int, ids: dict):
+    """A Phi-3 config of ``shape`` (hidden/intermediate size, layers, heads, context) whose special
+    tokens are the tokenizer's ``ids``; shared by the built-in model and the bench model."""
+    from transformers import Phi3Config
+
+    return Phi3Config(
+        vocab_size=vocab_size,
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_attention_heads"],
+        max_position_embeddings=shape["max_position_embeddings"],
+        # Equal to max_position_embeddings, or the ONNX builder picks the LongRoPE variant.
+        original_max_position_embeddings=shape["max_position_embeddings"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def greedy_generation_config(ids: dict):
+    """Greedy decoding that stops at the end of the assistant's turn or of the text."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+
+
 def build(out: Path) -> Path:
     """Train the tiny model on the bundled question set and save it to ``out``."""
     import torch
-    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+    from transformers import Phi3ForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,21 +220,7 @@ def build(out: Path) -> Path:
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(HPARAMS["seed"])
     try:
-        config = Phi3Config(
-            vocab_size=tok.get_vocab_size(),
-            hidden_size=HPARAMS["hidden_size"],
-            intermediate_size=HPARAMS["intermediate_size"],
-            num_hidden_layers=HPARAMS["num_hidden_layers"],
-            num_attention_heads=HPARAMS["num_attention_heads"],
-            num_key_value_heads=HPARAMS["num_attention_heads"],
-            max_position_embeddings=HPARAMS["max_position_embeddings"],
-            # Equal to max_position_embeddings, or the ONNX builder picks the LongRoPE variant.
-            original_max_position_embeddings=HPARAMS["max_position_embeddings"],
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|endoftext|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False,
-        )
+        config = phi3_config(HPARAMS, tok.get_vocab_size(), ids)
         model = Phi3ForCausalLM(config)
         input_ids, labels, mask = _batch(tok, prompts, answers, ids["<|endoftext|>"])
         opt = torch.optim.AdamW(model.parameters(), lr=HPARAMS["lr"], weight_decay=HPARAMS["weight_decay"])
@@ -215,12 +235,7 @@ def build(out: Path) -> Path:
         torch.use_deterministic_algorithms(False)
         torch.set_num_threads(threads)
 
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        do_sample=False,
-    )
+    model.generation_config = greedy_generation_config(ids)
     model.save_pretrained(out)
     (out / "BUILTIN.json").write_text(
         json.dumps({"model": BUILTIN_MODEL, "final_loss": round(loss.item(), 6), **HPARAMS}, indent=2, sort_keys=True)

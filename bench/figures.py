@@ -225,7 +225,8 @@ def _chain_command(s: Setup, experiment: str) -> list[str]:
 
 # The least any MLflow Project entry point costs under `mlflow run`: MLflow's CLI, then one Python
 # process that imports MLflow and reads its run from the tracking store. A cached re-run of the chain
-# cannot go below it, whatever the project does.
+# pays the same two, so it can only come in under this by making its own MLflow import cheaper
+# (our steps do: see phi3mlflow.cli.run_main).
 _FLOOR_MLPROJECT = """name: floor
 entry_points:
   main:

@@ -102,8 +102,10 @@ class LlamaCpp:
     def __init__(self, gguf: Path, threads: int):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
-                         flash_attn=False, verbose=False, seed=0)  # fmt: skip
+        # type_k/type_v in SETTINGS are llama.cpp's defaults, recorded rather than passed.
+        chosen = {k: self.SETTINGS[k] for k in ("n_ctx", "n_batch", "flash_attn")}
+        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, verbose=False, seed=0,
+                         **chosen)  # fmt: skip
 
     def ids(self, prompt_ids: list[int], new_tokens: int) -> list[int]:
         self.llm.reset()

@@ -22,12 +22,17 @@ from tests.databricks_fake import JOB_RUN_ID, FakeWorkspace
 TOKEN = "dapi-test-" + os.urandom(8).hex()
 HUB_TOKEN = "hf_test_" + os.urandom(8).hex()
 UC_NAME = "main.default.phi3_chat"
+# Untracked files .gitignore does not exclude: written after the commit, so git sees them as new.
+UNTRACKED = {".envrc": f"export DATABRICKS_TOKEN={TOKEN}\n", ".env.local": f"HF_TOKEN={HUB_TOKEN}\n",
+             ".netrc": f"machine x login y password {TOKEN}\n", "notes/token.txt": f"{TOKEN}\n",
+             "notes/extra.txt": "a harmless note\n"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory):
     """The working tree as a user's checkout: its project files committed, plus the litter a checkout
-    gathers (a venv, a tracking database, caches, a .env holding the token)."""
+    gathers: ignored (a venv, a tracking database, caches, a .env holding the token) and untracked but
+    not ignored (shell and netrc files, notes holding tokens, a harmless note)."""
     dest = tmp_path_factory.mktemp("checkout")
     files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
                            capture_output=True, check=True).stdout.decode().split("\0")  # fmt: skip
@@ -41,26 +46,39 @@ def checkout(tmp_path_factory):
     subprocess.run([*git, "commit", "-qm", "checkout"], check=True)
     litter = {".venv/bin/python": "venv", "mlflow.db": "sqlite", "mlruns/0/meta.yaml": "runs",
               ".env": f"DATABRICKS_TOKEN={TOKEN}\nHF_TOKEN={HUB_TOKEN}\n", "outputs/answers.json": "{}",
-              "steps/__pycache__/main.cpython-311.pyc": "pyc"}  # fmt: skip
+              "steps/__pycache__/main.cpython-311.pyc": "pyc", **UNTRACKED}  # fmt: skip
     for rel, text in litter.items():
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         (dest / rel).write_text(text)
     return dest
 
 
-@pytest.fixture(scope="module")
-def submission(checkout, tracking_uri):
+def _submit(checkout, tracking_uri, *args: str):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN", "MLFLOW_EXPERIMENT"))}
     with FakeWorkspace(TOKEN, tracking_uri) as ws:
         env |= {"MLFLOW_TRACKING_URI": "databricks", "DATABRICKS_HOST": ws.url, "DATABRICKS_TOKEN": TOKEN,
                 "HF_TOKEN": HUB_TOKEN}  # fmt: skip
-        proc = subprocess.run(
-            [sys.executable, "scripts/databricks_submit.py", "-e", "main", "--experiment-name", "/Shared/phi3-mlflow",
-             "-P", f"registered_model_name={UC_NAME}", "-P", "precision=int8"],
-            cwd=checkout, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        proc = subprocess.run([sys.executable, "scripts/databricks_submit.py", *args], cwd=checkout, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, ws.recorded
+
+
+def _tarball(rec) -> dict[str, bytes]:
+    [data] = rec.files.values()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def _tracked(checkout) -> set[str]:
+    return set(subprocess.run(["git", "-C", str(checkout), "ls-files", "-z"], capture_output=True, text=True,
+                              check=True).stdout.split("\0")) - {""}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def submission(checkout, tracking_uri):
+    return _submit(checkout, tracking_uri, "-e", "main", "--experiment-name", "/Shared/phi3-mlflow",
+                   "-P", f"registered_model_name={UC_NAME}", "-P", "precision=int8")  # fmt: skip
 
 
 def test_submission_goes_through_mlflows_databricks_backend(submission):
@@ -97,18 +115,33 @@ def test_submitted_job_runs_main_on_the_pinned_cluster(submission, checkout):
 
 
 def test_uploaded_tarball_is_the_project_and_nothing_else(submission, checkout):
-    _, rec = submission
-    [data] = rec.files.values()
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        names = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
-        contents = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
-    expected = set(subprocess.run(["git", "-C", str(checkout), "ls-files"], capture_output=True, text=True,
-                                  check=True).stdout.split())  # fmt: skip
-    assert names == expected
+    proc, rec = submission
+    tarball = _tarball(rec)
+    names, contents = set(tarball), b"".join(tarball.values())
+    # The litter really is untracked and not ignored, so only the rule "tracked files only" keeps it out.
+    assert set(UNTRACKED) <= set(subprocess.run(["git", "-C", str(checkout), "ls-files", "-o", "--exclude-standard"],
+                                                capture_output=True, text=True, check=True).stdout.split())  # fmt: skip
+    assert names == _tracked(checkout)
     assert {"MLproject", "steps/main.py", "deploy/cluster.json", "data/questions.jsonl"} <= names
-    for litter in (".venv", "mlflow.db", "mlruns", ".env", "__pycache__", "outputs", ".git/"):
+    for litter in (".venv", "mlflow.db", "mlruns", ".env", ".netrc", "notes/", "__pycache__", "outputs", ".git/"):
         assert not any(n.startswith(litter) or f"/{litter}" in n for n in names), litter
     assert TOKEN.encode() not in contents and HUB_TOKEN.encode() not in contents
+    # The user is told what stayed home.
+    [line] = [line for line in proc.stdout.splitlines() if "untracked files left out" in line]
+    assert f" {len(UNTRACKED)} untracked files left out" in line and ".envrc" in line
+
+
+def test_include_uploads_a_named_untracked_file_and_only_that(checkout, tracking_uri):
+    args = ["--include", "notes/extra.txt", "-e", "main", "--experiment-name", "/Shared/phi3-mlflow-include"]
+    _, rec = _submit(checkout, tracking_uri, *args, "-P", f"registered_model_name={UC_NAME}")
+    tarball = _tarball(rec)
+    assert set(tarball) == _tracked(checkout) | {"notes/extra.txt"}
+    assert tarball["notes/extra.txt"] == UNTRACKED["notes/extra.txt"].encode()
+    contents = b"".join(tarball.values())
+    assert TOKEN.encode() not in contents and HUB_TOKEN.encode() not in contents
+    # --include is the script's own option: it does not reach mlflow run.
+    script = rec.submitted[0]["shell_command_task"]["command"][2]
+    assert "--include" not in script and "extra.txt" not in script
 
 
 def test_run_is_recorded_and_secrets_are_nowhere(submission, tracking_uri):
@@ -202,3 +235,66 @@ def test_job_entry_point_runs_main_from_any_working_directory(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: params_file: no such profile"), proc.stderr
+
+
+def _repo(tmp_path):
+    """A small repository: tracked files (one deleted since), untracked ones, ignored ones."""
+    root = tmp_path / "repo"
+    for rel, text in {"a.txt": "a", "sub/b.txt": "b", "gone.txt": "g", ".gitignore": "*.log\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "repo"], check=True)
+    (root / "gone.txt").unlink()
+    for rel in (".envrc", ".netrc", "notes/token.txt", "notes/extra.txt", "run.log"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(TOKEN)
+    (tmp_path / "outside.txt").write_text("outside")
+    return root
+
+
+def test_file_selection_is_tracked_files_plus_named_ones(tmp_path):
+    from scripts.databricks_submit import project_files, split_args, stage, untracked_files
+
+    root = _repo(tmp_path)
+    assert project_files(root) == [".gitignore", "a.txt", "sub/b.txt"]
+    assert untracked_files(root) == [".envrc", ".netrc", "notes/extra.txt", "notes/token.txt"]
+    included = project_files(root, ["notes/extra.txt", "./sub/../run.log", "a.txt"])
+    assert included == [".gitignore", "a.txt", "notes/extra.txt", "run.log", "sub/b.txt"]
+    dest = tmp_path / "stage"
+    expected = [".gitignore", "a.txt", "notes/extra.txt", "sub/b.txt"]
+    assert stage(root, dest, ["notes/extra.txt"]) == expected
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == expected
+    argv = ["-e", "main", "--include", "x", "-P", "a=--include", "--include=y", "--backend-config", "c.json"]
+    assert split_args(argv) == (["x", "y"], ["-e", "main", "-P", "a=--include", "--backend-config", "c.json"])
+    with pytest.raises(ValueError, match="needs a path"):
+        split_args(["-e", "main", "--include"])
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [("../outside.txt", "outside the repository"), ("OUTSIDE", "outside the repository"),
+     ("notes/missing.txt", "no such file"), ("gone.txt", "no such file"), ("notes", "not a file"),
+     (".git/config", "not a file of the project"), (".", "not a file of the project"), ("", "empty path"),
+     ("notes/link.txt", "leads outside the repository")],
+)  # fmt: skip
+def test_file_selection_refuses_a_path_that_is_not_a_file_of_the_repository(tmp_path, path, why):
+    from scripts.databricks_submit import project_files
+
+    root = _repo(tmp_path)
+    (root / "notes" / "link.txt").symlink_to(tmp_path / "outside.txt")
+    path = str(tmp_path / "outside.txt") if path == "OUTSIDE" else path
+    with pytest.raises(ValueError, match=why):
+        project_files(root, [path])
+
+
+def test_submit_refuses_a_bad_include_in_one_line_before_anything_runs(tmp_path):
+    (tmp_path / "outside.txt").write_text(TOKEN)
+    for path in (str(tmp_path / "outside.txt"), "no/such/file.txt"):
+        proc = subprocess.run([sys.executable, "scripts/databricks_submit.py", "--include", path, "-e", "main"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 2 and proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --include: "), proc.stderr

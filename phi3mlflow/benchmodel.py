@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from phi3mlflow import tiny
+from phi3mlflow.cache import cached
 
 SHAPE = {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
          "num_attention_heads": 8, "max_position_embeddings": 1024, "seed": 0}  # fmt: skip
@@ -36,7 +37,7 @@ def bench_model_dir() -> Path:
     key = hashlib.sha256(
         Path(__file__).read_bytes() + json.dumps(SHAPE, sort_keys=True).encode() + tiny.cache_key().encode()
     ).hexdigest()[:16]
-    return tiny.cached("bench-phi3", key, _build)
+    return cached("bench-phi3", key, _build)
 
 
 def _build(out: Path) -> None:

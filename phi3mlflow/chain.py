@@ -1,32 +1,34 @@
-"""The main chain's machinery: parameter profiles, the source version, and step runs with a
-cache that reuses a finished run when its entry point, parameters and code are unchanged."""
+"""The main chain's machinery: parameter profiles, the code version, and step runs with a cache
+that reuses a finished run only when its entry point, parameters, code and the contents of the
+files its parameters name are unchanged, and its outputs still exist."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from phi3mlflow import PROJECT_ROOT
-from phi3mlflow.cli import ERROR_TAG
+from phi3mlflow import PROJECT_ROOT, tags
+from phi3mlflow.errors import InputError
 
-CACHE_TAG = "phi3.cache_key"
-SOURCE_TAG = "phi3.source_version"
 # What a profile may set, and so what the chain passes on; main's CLI overrides any of them.
 PROFILE_KEYS = (
     "model", "trust_remote_code", "precision", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens",
     "temperature", "dataset", "question_column", "answer_column", "select_metric", "engine", "registered_model_name",
-    "alias", "min_accuracy", "force", "use_cache",
+    "alias", "min_accuracy", "max_accuracy_drop", "force", "use_cache",
 )  # fmt: skip
-# The project's own files: what a content hash of the source covers outside a clean git tree.
-SOURCE_GLOBS = ("MLproject", "*.yaml", "requirements*.txt", "steps/**/*.py", "phi3mlflow/**/*.py", "data/**/*")
+# The code a step runs and the environment it runs in: what the code version hashes. Profiles, data
+# and docs are not code: data reaches a step through a parameter, whose content is keyed itself.
+CODE_GLOBS = ("MLproject", "python_env.yaml", "conda.yaml", "requirements*.txt", "steps/**/*.py",
+              "phi3mlflow/**/*.py")  # fmt: skip
+# Parameters that name a file or folder: the step cache keys on what they hold, not on the string.
+CONTENT_PARAMS = ("model", "onnx_model_dir", "dataset")
 
 
-class ProfileError(ValueError):
+class ProfileError(InputError):
     pass
 
 
@@ -36,19 +38,19 @@ def load_profile(path: str) -> dict:
         p = PROJECT_ROOT / p
     if not p.is_file():
         known = ", ".join(sorted(str(x.relative_to(PROJECT_ROOT)) for x in (PROJECT_ROOT / "params").glob("*.yaml")))
-        raise ProfileError(f"params_file: no such profile {path!r} (known: {known})")
+        raise ProfileError("params_file", f"no such profile {path!r} (known: {known})")
     try:
         profile = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ProfileError(f"params_file: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ProfileError("params_file", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(profile, dict):
-        raise ProfileError(f"params_file: {path} must be a mapping of parameter names to values")
+        raise ProfileError("params_file", f"{path} must be a mapping of parameter names to values")
     unknown = sorted(set(profile) - set(PROFILE_KEYS))
     if unknown:
-        raise ProfileError(f"params_file: {path} sets unknown parameters {unknown}")
+        raise ProfileError("params_file", f"{path} sets unknown parameters {unknown}")
     missing = sorted(set(PROFILE_KEYS) - set(profile))
     if missing:
-        raise ProfileError(f"params_file: {path} lacks {missing}")
+        raise ProfileError("params_file", f"{path} lacks {missing}")
     return {k: _as_param(v) for k, v in profile.items()}
 
 
@@ -59,25 +61,39 @@ def _as_param(value) -> str:
     return "" if value is None else str(value)
 
 
-def source_version(root: Path = PROJECT_ROOT) -> str:
-    """``git:<commit>`` for a clean git tree; else ``sha256:<hash>`` of the project's own files."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
-        if not dirty.stdout.strip():
-            return f"git:{commit.stdout.strip()}"
-    except (OSError, subprocess.CalledProcessError):
-        pass
+def code_version(root: Path = PROJECT_ROOT) -> str:
+    """``sha256:<hash>`` of the project's code and environment files, wherever they came from.
+
+    One rule for a git checkout, a dirty tree and a git URL: content. A commit that changes only
+    the README or a profile reuses every step; the git commit stays on each run as provenance
+    (``mlflow.source.git.commit``).
+    """
     h = hashlib.sha256()
-    files = sorted({f for g in SOURCE_GLOBS for f in root.glob(g) if f.is_file() and "__pycache__" not in f.parts})
+    files = sorted({f for g in CODE_GLOBS for f in root.glob(g) if f.is_file() and "__pycache__" not in f.parts})
     for f in files:
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return f"sha256:{h.hexdigest()[:20]}"
 
 
-def cache_key(entry_point: str, params: dict, source: str) -> str:
-    blob = json.dumps({"entry_point": entry_point, "params": params, "source": source}, sort_keys=True)
+def cache_key(entry_point: str, params: dict, code: str, inputs: dict | None = None) -> str:
+    blob = json.dumps({"entry_point": entry_point, "params": params, "code": code, "inputs": inputs or {}},
+                      sort_keys=True)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def input_digest(param: str, value: str) -> str | None:
+    """The content digest of what a path-valued parameter names (None for other parameters)."""
+    from phi3mlflow import sources
+    from phi3mlflow.cache import tree_digest
+
+    if not value.strip() or param not in CONTENT_PARAMS:
+        return None
+    if param == "model":
+        return sources.content_digest(value)
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = PROJECT_ROOT / path
+    return tree_digest(path) if path.exists() else "missing"
 
 
 @dataclass
@@ -90,10 +106,12 @@ class StepResult:
 class StepFailed(RuntimeError):
     def __init__(self, name: str, run_id: str | None, cause: str):
         super().__init__(f"step {name} failed (run {run_id or 'unknown'}): {cause}")
+        self.step, self.run_id, self.cause = name, run_id, cause
 
 
 class Chain:
-    """Runs the project's entry points as children of the active run, reusing finished ones."""
+    """Runs the project's entry points as children of the active run, reusing finished ones whose
+    parameters, code and input contents are unchanged and whose outputs still exist."""
 
     def __init__(self, experiment_id: str, parent_run_id: str, use_cache: bool, env_manager: str = "local"):
         import mlflow
@@ -103,28 +121,44 @@ class Chain:
         self.parent_run_id = parent_run_id
         self.use_cache = use_cache
         self.env_manager = env_manager
-        self.source = source_version()
+        self.code = code_version()
+        self._digests: dict[tuple[str, str], str | None] = {}
+
+    def inputs(self, params: dict) -> dict:
+        """Content digests of the files and folders ``params`` name, computed once per chain run."""
+        out = {}
+        for param, value in params.items():
+            if (param, value) not in self._digests:
+                self._digests[(param, value)] = input_digest(param, value)
+            if self._digests[(param, value)] is not None:
+                out[param] = self._digests[(param, value)]
+        return out
 
     def find_reusable(self, key: str):
-        # The key is unique to entry point + params + source, so the newest match is the one;
-        # filtering on the server means no page of old runs is ever skipped.
+        # The key is unique to entry point + params + code + inputs, so the newest match is the
+        # one; filtering on the server means no page of old runs is ever skipped.
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{CACHE_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+            filter_string=f"tags.`{tags.CACHE_KEY}` = '{key}' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
         return runs[0] if runs else None
 
-    def run(self, name: str, params: dict) -> StepResult:
+    def run(self, name: str, params: dict, cacheable: bool = True) -> StepResult:
+        """Run entry point ``name`` (or reuse a finished run); ``cacheable=False`` for side effects."""
         import mlflow
         from mlflow.exceptions import ExecutionException
 
         params = {k: str(v) for k, v in params.items()}
-        key = cache_key(name, params, self.source)
-        if self.use_cache and (hit := self.find_reusable(key)):
-            print(f"main: {name}: reusing finished run {hit.info.run_id}", flush=True)
-            return self._record(StepResult(name, hit.info.run_id, True))
+        inputs = self.inputs(params)
+        key = cache_key(name, params, self.code, inputs)
+        if cacheable and self.use_cache and (hit := self.find_reusable(key)):
+            problem = outputs_missing(self.client, name, hit)
+            if problem is None:
+                print(f"main: {name}: reusing finished run {hit.info.run_id}", flush=True)
+                return self._record(StepResult(name, hit.info.run_id, True))
+            print(f"main: {name}: not reusing run {hit.info.run_id}: {problem}; running again", flush=True)
         print(f"main: {name}: running with {params}", flush=True)
         try:
             submitted = mlflow.run(
@@ -137,10 +171,13 @@ class Chain:
             )
         except ExecutionException as e:
             failed = self._latest_child(name)
-            cause = (failed.data.tags.get(ERROR_TAG) if failed else None) or str(e)
+            cause = (failed.data.tags.get(tags.ERROR) if failed else None) or str(e)
             raise StepFailed(name, failed.info.run_id if failed else None, cause) from None
-        self.client.set_tag(submitted.run_id, CACHE_TAG, key)
-        self.client.set_tag(submitted.run_id, SOURCE_TAG, self.source)
+        run_tags = {tags.CODE_VERSION: self.code, **{tags.INPUT_DIGEST + k: v for k, v in inputs.items()}}
+        if cacheable:
+            run_tags[tags.CACHE_KEY] = key
+        for k, v in run_tags.items():
+            self.client.set_tag(submitted.run_id, k, v)
         return self._record(StepResult(name, submitted.run_id, False))
 
     def _latest_child(self, name: str):
@@ -157,3 +194,42 @@ class Chain:
         self.client.set_tag(self.parent_run_id, f"child.{result.name}.run_id", result.run_id)
         self.client.set_tag(self.parent_run_id, f"child.{result.name}.cache", "reused" if result.reused else "run")
         return result
+
+
+# Files a logged model cannot answer without: its MLmodel and at least one file of weights.
+_WEIGHTS = (".onnx", ".safetensors", ".bin", ".pt")
+
+
+def outputs_missing(client, name: str, run) -> str | None:
+    """Why a finished run's outputs cannot be used any more, or None when they all resolve."""
+    import mlflow
+
+    try:
+        if name in ("pipeline_wrapper", "onnx_wrapper"):
+            uri = run.data.tags.get(tags.MODEL_URI)
+            if not uri:
+                return "it names no logged model"
+            root = mlflow.get_logged_model(uri.split("/")[1]).artifact_location if uri.startswith("models:/m-") else uri
+            files = _list_files(root, depth=3)
+            if "MLmodel" not in files:
+                return f"its model {uri} has no MLmodel any more"
+            if not any(f.endswith(_WEIGHTS) for f in files):
+                return f"its model {uri} has no weights any more"
+        elif name == "evaluate":
+            mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")
+    except Exception as e:  # noqa: BLE001 - whatever fails to resolve means "run it again"
+        return f"its outputs do not resolve ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})"
+    return None
+
+
+def _list_files(artifact_uri: str, depth: int) -> list[str]:
+    import mlflow
+
+    files = []
+    for item in mlflow.artifacts.list_artifacts(artifact_uri=artifact_uri):
+        if item.is_dir:
+            if depth > 1:
+                files += _list_files(f"{artifact_uri.rstrip('/')}/{item.path.rsplit('/', 1)[-1]}", depth - 1)
+        else:
+            files.append(item.path.rsplit("/", 1)[-1])
+    return files

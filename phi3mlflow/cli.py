@@ -1,39 +1,95 @@
 """Command-line plumbing shared by the steps: argument types that reject bad values with one line
-naming the parameter, before any model is loaded."""
+naming the parameter, before any model is loaded; failure causes recorded on the run; and clean
+cancellation on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import os
-import re
+import signal
 import sys
-from pathlib import Path
 
-from phi3mlflow.tiny import BUILTIN_MODEL
+from phi3mlflow import tags
+from phi3mlflow.errors import InputError
 
-# A hub id: "name" or "org/name", no leading dot or slash.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+ERROR_TAG = tags.ERROR
+# `mlflow run` hands a step its run through MLFLOW_RUN_ID, and mlflow.start_run() removes the
+# variable from the environment: remember it before any step code runs.
+_LAUNCH_RUN_ID = os.environ.get("MLFLOW_RUN_ID")
 
 
-ERROR_TAG = "phi3.error"
+class Cancelled(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived. A KeyboardInterrupt, so mlflow.run cancels a running child step."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"cancelled by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
-def record_failure(message: str) -> None:
-    """Put a step's one-line error on its run (under ``mlflow run``), where main reads the cause."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+def _current_run_id() -> str | None:
+    if _LAUNCH_RUN_ID:
+        return _LAUNCH_RUN_ID
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        # A step run directly (python -m steps.x) made its own run, which has ended by now.
+        run = mlflow.active_run() or mlflow.last_active_run()
+        if run is not None:
+            return run.info.run_id
+    return None
+
+
+def record_failure(message: str, status: str | None = None, keep_existing: bool = False) -> None:
+    """Put a step's one-line error on its run (where main reads the cause); optionally set its status."""
+    run_id = _current_run_id()
     if not run_id:
         return
     try:
         from mlflow import MlflowClient
 
-        MlflowClient().set_tag(run_id, ERROR_TAG, message[:1000])
+        client = MlflowClient()
+        if not (keep_existing and ERROR_TAG in client.get_run(run_id).data.tags):
+            client.set_tag(run_id, ERROR_TAG, message[:1000])
+        if status:
+            client.set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - reporting must never hide the original error
         pass
 
 
+def _raise_cancelled(signum, frame):
+    raise Cancelled(signum)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the parent process dies.
+
+    A scheduler cancels by signalling the ``mlflow run`` launcher, which dies without passing the
+    signal on; ``bash -c`` execs the step, so the step's parent is the launcher (or main).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def run_main(main, parse_args) -> None:
     """A step's ``__main__``: parse, run, and record any failure's cause on the run.
+
+    SIGTERM and SIGINT raise Cancelled: the step's run ends KILLED with the cause tagged, and a
+    child step that main is waiting for is cancelled too (mlflow.run does that on KeyboardInterrupt).
 
     Every step process imports MLflow (~280k objects with its SQL store), and the cyclic garbage
     collector walks that heap again and again while it grows and twice more at interpreter exit:
@@ -42,20 +98,33 @@ def run_main(main, parse_args) -> None:
     objects are then frozen out of every later collection (they live as long as the process); at
     exit everything is frozen, as the OS frees it anyway. atexit handlers still run.
     """
-    args = parse_args(sys.argv[1:])
-    gc.disable()
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    signal.signal(signal.SIGINT, _raise_cancelled)
+    _die_with_parent()
     try:
-        import mlflow  # noqa: F401 - every step needs it; imported here with the collector paused
-    finally:
-        gc.freeze()
-        gc.enable()
-    try:
+        args = parse_args(sys.argv[1:])
+        gc.disable()
+        try:
+            import mlflow  # noqa: F401 - every step needs it; imported here with the collector paused
+        finally:
+            gc.freeze()
+            gc.enable()
         main(args)
+    except Cancelled as e:
+        sys.stderr.write(f"{_prog()}: {e}\n")
+        record_failure(str(e), status="KILLED", keep_existing=True)
+        raise SystemExit(128 + e.signum) from None
+    except InputError as e:
+        fail(e.parameter, e.message)
     except Exception as e:
-        record_failure(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        record_failure(f"{type(e).__name__}: {first_line(e)}")
         raise
     finally:
         gc.freeze()
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]).removesuffix(".py") or "step"
 
 
 class StepParser(argparse.ArgumentParser):
@@ -77,6 +146,10 @@ def fail(parameter: str, message: str) -> None:
     sys.stderr.write(f"error: {parameter}: {message}\n")
     record_failure(f"{parameter}: {message}")
     raise SystemExit(2)
+
+
+def fail_input(e: InputError) -> None:
+    fail(e.parameter, e.message)
 
 
 def true_false(value: str) -> bool:
@@ -114,32 +187,17 @@ def unit_interval(value: str) -> float:
 
 
 def model_source(value: str) -> str:
-    """Validate ``--model``: the built-in model, an existing local folder, or a hub id.
+    """Validate ``--model`` cheaply (see phi3mlflow.sources); weights are not loaded here."""
+    from phi3mlflow import sources
 
-    Anything that looks like a path (absolute, ``./``, ``../``, ``~``) must exist and hold a
-    ``config.json``; hub ids are passed through (only users with hub access can use them).
-    """
-    value = value.strip()
-    if value == BUILTIN_MODEL:
-        return value
-    path = Path(value).expanduser()
-    if value.startswith(("/", "./", "../", "~")) or path.exists():
-        if not path.is_dir():
-            raise argparse.ArgumentTypeError(f"no such model directory: {value}")
-        if not (path / "config.json").exists():
-            raise argparse.ArgumentTypeError(f"{value} has no config.json (not a Hugging Face model folder)")
-        return str(path.resolve())
-    if not _HUB_ID.match(value):
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is neither {BUILTIN_MODEL}, an existing directory nor a hub id like org/name"
-        )
-    return value
+    try:
+        return sources.check(value)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
 
 
 def resolve_model_dir(source: str) -> str:
-    """What ``from_pretrained`` takes for a validated ``--model``: builds the built-in model on demand."""
-    if source == BUILTIN_MODEL:
-        from phi3mlflow.tiny import builtin_model_dir
+    """The local folder ``from_pretrained`` takes for a checked ``--model``, built or converted on demand."""
+    from phi3mlflow import sources
 
-        return str(builtin_model_dir())
-    return source
+    return str(sources.resolve(source))

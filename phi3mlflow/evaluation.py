@@ -3,13 +3,13 @@ model through its own MLflow interface, and choosing the winner."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi3mlflow import DATA_DIR
+from phi3mlflow.errors import InputError
 from phi3mlflow.metrics import better
 
 DEFAULT_DATASET = DATA_DIR / "questions.jsonl"
@@ -17,35 +17,55 @@ DEFAULT_DATASET = DATA_DIR / "questions.jsonl"
 INPUT_FIELD = {"chat": "messages", "onnx": "prompt"}
 
 
-class EvaluationInputError(ValueError):
-    """Bad evaluation input; the message starts with the parameter's name."""
+# An optional column of the dataset: accuracy is also reported per category.
+CATEGORY_COLUMN = "category"
+
+
+class EvaluationInputError(InputError):
+    """Bad evaluation input, naming the parameter."""
+
+
+def _fail(param: str, message: str):
+    raise EvaluationInputError(param, message)
 
 
 def load_dataset(path: str, question_column: str, answer_column: str):
+    """The dataset as columns question, expected (and category when present), every row checked."""
     import pandas as pd
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise EvaluationInputError(f"dataset: no such file: {path}")
+        _fail("dataset", f"no such file: {path}")
     try:
         if p.suffix.lower() == ".csv":
             df = pd.read_csv(p, dtype=str, keep_default_na=False)
         elif p.suffix.lower() in (".jsonl", ".json"):
             df = pd.read_json(p, lines=p.suffix.lower() == ".jsonl", dtype=False)
         else:
-            raise EvaluationInputError(f"dataset: expected a .jsonl, .json or .csv file, got {p.name}")
+            _fail("dataset", f"expected a .jsonl, .json or .csv file, got {p.name}")
     except (ValueError, pd.errors.ParserError) as e:
         if isinstance(e, EvaluationInputError):
             raise
-        raise EvaluationInputError(f"dataset: cannot parse {path}: {str(e).splitlines()[0]}") from None
+        raise EvaluationInputError("dataset", f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if df.empty:
-        raise EvaluationInputError(f"dataset: {path} has no rows")
+        _fail("dataset", f"{path} has no rows")
     for param, column in (("question_column", question_column), ("answer_column", answer_column)):
         if column not in df.columns:
-            raise EvaluationInputError(
-                f"{param}: column {column!r} is not in {p.name} (columns: {', '.join(map(str, df.columns))})"
-            )
-    return df[[question_column, answer_column]].rename(columns={question_column: "question", answer_column: "expected"})
+            _fail(param, f"column {column!r} is not in {p.name} (columns: {', '.join(map(str, df.columns))})")
+    for i, (q, a) in enumerate(zip(df[question_column], df[answer_column], strict=True), start=1):
+        where = f"{p.name} row {i}"
+        if not isinstance(q, str):
+            _fail("dataset", f"{where}: {question_column} is not text (got {q!r})")
+        if not q.strip():
+            _fail("dataset", f"{where}: {question_column} is empty")
+        if a is None or (isinstance(a, float) and a != a) or not str(a).strip():
+            _fail("dataset", f"{where}: {answer_column} is missing")
+    columns = {question_column: "question", answer_column: "expected"}
+    if CATEGORY_COLUMN in df.columns and CATEGORY_COLUMN not in (question_column, answer_column):
+        columns[CATEGORY_COLUMN] = "category"
+    out = df[list(columns)].rename(columns=columns)
+    out["expected"] = out["expected"].astype(str)
+    return out
 
 
 def check_model_uri(key: str, uri: str) -> None:
@@ -56,11 +76,11 @@ def check_model_uri(key: str, uri: str) -> None:
     try:
         info = mlflow.models.get_model_info(uri)
     except Exception as e:  # noqa: BLE001 - any failure to resolve is the user's URI
-        raise EvaluationInputError(f"{param}: cannot resolve {uri!r}: {str(e).splitlines()[0][:200]}") from None
+        raise EvaluationInputError(param, f"cannot resolve {uri!r}: {str(e).splitlines()[0][:200]}") from None
     inputs = info.signature.inputs.input_names() if info.signature else []
     if INPUT_FIELD[key] not in inputs:
-        raise EvaluationInputError(
-            f"{param}: {uri} takes {inputs or 'no declared inputs'}, not {INPUT_FIELD[key]!r}: is it the right wrapper?"
+        _fail(
+            param, f"{uri} takes {inputs or 'no declared inputs'}, not {INPUT_FIELD[key]!r}: is it the right wrapper?"
         )
 
 
@@ -89,6 +109,14 @@ class ChatCaller:
         import mlflow
 
         self.model = mlflow.pyfunc.load_model(uri)
+        pipe = self.model.get_raw_model()
+        self.tokenizer = pipe.tokenizer
+        self.context_length = int(getattr(pipe.model.config, "max_position_embeddings", 0) or 0) or None
+
+    def prompt_tokens(self, question: str) -> int:
+        messages = chat_request(question, 1, 0.0)["messages"]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return len(ids["input_ids"] if isinstance(ids, dict) else ids)
 
     def __call__(self, question: str, max_new_tokens: int, temperature: float) -> Answer:
         request = chat_request(question, max_new_tokens, temperature)
@@ -108,7 +136,12 @@ class OnnxCaller:
 
         self.model = mlflow.pyfunc.load_model(uri)
         # The pyfunc returns text only; its own tokenizer counts the generated tokens.
-        self.tokenizer = self.model.unwrap_python_model().chat.tokenizer
+        self.chat = self.model.unwrap_python_model().chat
+        self.tokenizer = self.chat.tokenizer
+        self.context_length = self.chat.context_length
+
+    def prompt_tokens(self, question: str) -> int:
+        return len(self.tokenizer.encode(self.chat.format_prompt(question)))
 
     def __call__(self, question: str, max_new_tokens: int, temperature: float) -> Answer:
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
@@ -117,6 +150,21 @@ class OnnxCaller:
         ms = (time.perf_counter() - start) * 1000
         # Like the chat model's usage, count the end token it stopped on, unless it ran out of tokens.
         return Answer(text, ms, min(len(self.tokenizer.encode(text)) + 1, max_new_tokens))
+
+
+def check_fits(callers: list, questions: list[str], dataset: str) -> None:
+    """Every question leaves room for an answer in every model's context, checked before any is asked."""
+    for caller in callers:
+        if not caller.context_length:
+            continue
+        for i, q in enumerate(questions, start=1):
+            n = caller.prompt_tokens(q)
+            if n >= caller.context_length:
+                _fail(
+                    "dataset",
+                    f"{Path(dataset).name} row {i}: the question is {n} tokens with the chat template; "
+                    f"the {caller.key} model's context is {caller.context_length} tokens",
+                )
 
 
 def answer_all(caller, questions: list[str], max_new_tokens: int, temperature: float) -> list[Answer]:
@@ -138,11 +186,29 @@ def choose_best(models: dict[str, dict], metric: str) -> str:
     return best
 
 
-def summary(models: dict[str, dict], metric: str, agreement: float | None) -> dict:
-    return {"metric": metric, "best": choose_best(models, metric), "agreement": agreement, "models": models}
+REFERENCE = "chat"
 
 
-def plot(models: dict[str, dict], path: Path) -> Path:
+def summary(models: dict[str, dict], metric: str, agreement: float | None, categories: dict | None = None) -> dict:
+    """What register reads. The transformers pipeline is the reference: every other model records
+    its accuracy difference to it (``accuracy_delta``, negative when it loses accuracy)."""
+    reference = REFERENCE if REFERENCE in models else None
+    if reference:
+        for key, m in models.items():
+            if key != reference:
+                m["accuracy_delta"] = m["accuracy"] - models[reference]["accuracy"]
+    return {
+        "metric": metric,
+        "best": choose_best(models, metric),
+        "reference": reference,
+        "agreement": agreement,
+        "models": models,
+        "categories": categories or {},
+    }
+
+
+def plot(models: dict[str, dict]):
+    """Accuracy and latency side by side, as a matplotlib figure for mlflow.log_figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,11 +227,5 @@ def plot(models: dict[str, dict], path: Path) -> Path:
     ax2.set_title("latency per question, ms (lower is better)")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
-
-
-def write_json(obj, path: Path) -> Path:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    return path
+    return fig

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SENTINEL = "\x00PROMPT\x00"
+# Caps on one request's work, so that no request holds a server for longer than its timeout
+# (`mlflow models serve` gives up after 60 s): 4096 tokens are ~19 s of SmolLM2-135M int4 on two
+# cores. Logged in the model's model_config (onnx_wrapper's flags of the same names).
+MAX_PROMPTS_PER_REQUEST = 32
+MAX_TOTAL_NEW_TOKENS = 4096
 
 
 class InvalidRequest(ValueError):

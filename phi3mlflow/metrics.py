@@ -1,9 +1,10 @@
 """Answer-quality and speed metrics, as plain functions and as MLflow evaluation metrics.
 
-Quality is judged on normalised text (lower case, no punctuation, single spaces):
-``accuracy`` - the expected answer is contained in the prediction; ``exact_match`` - equal;
-``f1`` - SQuAD-style token overlap. Speed comes from columns the evaluation loop records per
-question: ``latency_ms`` and ``completion_tokens``.
+Quality is judged on normalised text (lower case, no punctuation, single spaces). The expected
+answer may list accepted aliases separated by ``|`` ("8 | eight"): ``accuracy`` - some alias occurs
+in the prediction as whole words ("8" does not match "18"); ``exact_match`` - the prediction equals
+an alias; ``f1`` - SQuAD-style token overlap with the closest alias. Speed comes from columns the
+evaluation loop records per question: ``latency_ms`` and ``completion_tokens``.
 """
 
 from __future__ import annotations
@@ -31,16 +32,27 @@ def normalize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", str(text).lower()).split())
 
 
+def aliases(expected: str) -> list[str]:
+    """The accepted answers, normalised: ``"8 | eight"`` -> ``["8", "eight"]``."""
+    found = [normalize(a) for a in str(expected).split("|")]
+    return [a for a in found if a] or [""]
+
+
 def contains(prediction: str, expected: str) -> float:
-    return float(normalize(expected) in normalize(prediction))
+    padded = f" {normalize(prediction)} "
+    return float(any(f" {a} " in padded for a in aliases(expected)))
 
 
 def exact(prediction: str, expected: str) -> float:
-    return float(normalize(expected) == normalize(prediction))
+    return float(normalize(prediction) in aliases(expected))
 
 
 def token_f1(prediction: str, expected: str) -> float:
-    pred, gold = normalize(prediction).split(), normalize(expected).split()
+    return max(_f1(prediction, a) for a in aliases(expected))
+
+
+def _f1(prediction: str, gold: str) -> float:
+    pred, gold = normalize(prediction).split(), gold.split()
     if not pred or not gold:
         return float(pred == gold)
     common = sum((Counter(pred) & Counter(gold)).values())

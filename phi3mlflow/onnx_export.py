@@ -1,7 +1,7 @@
 """Export a Hugging Face causal LM to an ONNX Runtime GenAI model folder with its model builder.
 
-Exports of local folders are cached under ``cache_root()/onnx-<key>``; the key hashes the source
-folder's bytes, the precision and the onnxruntime-genai version, so a re-export is a lookup.
+Exports are cached under ``cache_root()/onnx-<precision>-<key>``; the key hashes the source
+folder's content, the precision and the onnxruntime-genai version, so a re-export is a lookup.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
-from phi3mlflow.tiny import cache_root
+from phi3mlflow.cache import cached, tree_digest
 
 PRECISIONS = ("fp32", "int8", "int4")
 
@@ -32,53 +32,32 @@ def check_genai_folder(folder: str | Path) -> Path:
     return folder
 
 
-def _source_key(source: Path, precision: str) -> str:
-    import onnxruntime_genai
+def export(source: str | Path, precision: str) -> Path:
+    """An ORT GenAI folder for the local Hugging Face folder ``source`` at ``precision``, from the cache.
 
-    h = hashlib.sha256(f"{precision};onnxruntime-genai={onnxruntime_genai.__version__};".encode())
-    for p in sorted(source.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(source)).encode())
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
+    The cache key is the folder's content digest, the precision and the onnxruntime-genai version;
+    the export runs under the cache's lock, so parallel sweeps export once.
+    """
+    from importlib.metadata import version
 
-
-def export(source: str, precision: str) -> Path:
-    """Return an ORT GenAI folder for ``source`` (a local HF folder or a hub id) at ``precision``."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    local = Path(source).is_dir()
-    root = cache_root()
-    if local:
-        target = root / f"onnx-{precision}-{_source_key(Path(source), precision)}"
-        if (target / "genai_config.json").exists():
-            print(f"onnx export: reusing cached {target}", flush=True)
-            return target
-    else:
-        target = root / f"onnx-{precision}-hub-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
-    try:
-        out = work / "model"
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder",
-               *(["-i", source] if local else ["-m", source]),
-               "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(work / "hf-cache")]  # fmt: skip
-        print("onnx export: " + " ".join(cmd[1:]), flush=True)
-        _run_streaming(cmd)
-        check_genai_folder(out)
-        if not local:
-            # A hub id names no fixed bytes: the fresh export replaces the previous one.
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(out, target)
-        except OSError:
-            if not (target / "genai_config.json").exists():  # not merely a concurrent twin
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
+    source = Path(source)
+    blob = f"{tree_digest(source)};{precision};onnxruntime-genai={version('onnxruntime-genai')}"
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as work:
+            model = Path(work) / "model"
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(model),
+                   "-p", precision, "-e", "cpu", "-c", str(Path(work) / "hf-cache")]  # fmt: skip
+            print("onnx export: " + " ".join(cmd[1:]), flush=True)
+            _run_streaming(cmd)
+            check_genai_folder(model)
+            for item in model.iterdir():
+                shutil.move(str(item), out / item.name)
+
+    return cached(f"onnx-{precision}", key, build)
 
 
 def _run_streaming(cmd: list[str]) -> None:
@@ -86,10 +65,15 @@ def _run_streaming(cmd: list[str]) -> None:
     tail: deque[str] = deque(maxlen=15)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            # The builder redraws tqdm bars with \r; keep the console readable.
-            line = line.rstrip().rsplit("\r", 1)[-1]
-            tail.append(line)
-            print(f"  builder| {line}", flush=True)
+        try:
+            for line in proc.stdout:
+                # The builder redraws tqdm bars with \r; keep the console readable.
+                line = line.rstrip().rsplit("\r", 1)[-1]
+                tail.append(line)
+                print(f"  builder| {line}", flush=True)
+        except BaseException:
+            # Cancelled or failed while exporting: the builder must not run on alone.
+            proc.kill()
+            raise
     if proc.returncode != 0:
         raise ExportError(f"the ONNX model builder failed (exit {proc.returncode}): " + " | ".join(list(tail)[-5:]))

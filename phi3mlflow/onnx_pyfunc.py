@@ -7,8 +7,9 @@ hands MLflow an ``OnnxChatModel`` through ``mlflow.models.set_model``.
 Input: a ``prompt`` column (one answer per row); params ``max_new_tokens``, ``temperature``,
 ``top_p``, ``do_sample``. A plain prompt gets the model's chat template; a prompt that already
 carries the template's markers is passed through. Output: one string per prompt.
-model_config: ``intra_op_num_threads`` (0, the default, means all available cores) and the
-default search options.
+model_config: ``intra_op_num_threads`` (0, the default, means all available cores), the
+default search options, and the caps on one request's work: ``max_prompts_per_request`` and
+``max_total_new_tokens`` (prompts x max_new_tokens); a request beyond them is refused (400).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from phi3mlflow.genai import GenAIChat, InvalidRequest, SearchOptions
+from phi3mlflow.genai import MAX_PROMPTS_PER_REQUEST, MAX_TOTAL_NEW_TOKENS, GenAIChat, InvalidRequest, SearchOptions
 
 ARTIFACT_KEY = "onnx_model"
 
@@ -37,6 +38,22 @@ class OnnxChatModel(PythonModel):
             temperature=float(config.get("temperature", 0.0)),
             do_sample=float(config.get("temperature", 0.0)) > 0,
         )
+        self.max_prompts = int(config.get("max_prompts_per_request", MAX_PROMPTS_PER_REQUEST))
+        self.max_total_new_tokens = int(config.get("max_total_new_tokens", MAX_TOTAL_NEW_TOKENS))
+
+    def _check_caps(self, prompts: list, opts: SearchOptions) -> None:
+        if len(prompts) > self.max_prompts:
+            raise _invalid(
+                f"max_prompts_per_request: the request has {len(prompts)} prompts; this model takes at most "
+                f"{self.max_prompts} per request"
+            )
+        total = len(prompts) * opts.max_new_tokens
+        if total > self.max_total_new_tokens:
+            raise _invalid(
+                f"max_total_new_tokens: the request asks for up to {total} new tokens ({len(prompts)} prompts x "
+                f"max_new_tokens {opts.max_new_tokens}); this model generates at most {self.max_total_new_tokens} "
+                "per request"
+            )
 
     def _prompts(self, model_input) -> list:
         columns = getattr(model_input, "columns", None)
@@ -65,6 +82,7 @@ class OnnxChatModel(PythonModel):
     def predict(self, context, model_input, params=None) -> list[str]:
         opts = self._options(params)
         prompts = self._prompts(model_input)
+        self._check_caps(prompts, opts)
         try:
             # Validate every prompt before generating any answer.
             ids = [self.chat.encode(p) for p in prompts]
@@ -77,6 +95,7 @@ class OnnxChatModel(PythonModel):
         prompts = self._prompts(model_input)
         if len(prompts) != 1:
             raise _invalid(f"prompt: streaming takes exactly one prompt, got {len(prompts)}")
+        self._check_caps(prompts, opts)
         try:
             ids = self.chat.encode(prompts[0])
         except InvalidRequest as e:

@@ -3,29 +3,61 @@ alias gate."""
 
 from __future__ import annotations
 
+import posixpath
 import re
 import time
 from dataclasses import dataclass
 
+from phi3mlflow.errors import InputError
 from phi3mlflow.metrics import METRICS, better
 
 EVAL_RUN_TAG = "source_eval_run"
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
+# Unity Catalog: each of catalog.schema.model non-empty, without spaces, dots, slashes or control characters.
+_UC_PART = re.compile(r"^[^\s./\\:\x00-\x1f\x7f`]+$")
+# An equal score moves the alias only if the newcomer's p50 latency is this much lower: latency
+# measured in two evaluation runs differs by more than a few per cent on a busy machine.
+TIE_BREAK_MARGIN = 0.10
 
 
-class RegisterInputError(ValueError):
-    """Bad register input; the message starts with the parameter's name."""
+class RegisterInputError(InputError):
+    """Bad register input, naming the parameter."""
 
 
 def check_names(name: str, alias: str, registry_uri: str) -> None:
+    """MLflow's and Unity Catalog's rules for registered model names, and the alias rules."""
     if not name.strip():
-        raise RegisterInputError("registered_model_name: must not be empty")
-    if registry_uri.startswith("databricks-uc") and len([p for p in name.split(".") if p]) != 3:
-        raise RegisterInputError(
-            f"registered_model_name: Unity Catalog needs a three-part name catalog.schema.model, got {name!r}"
-        )
+        raise RegisterInputError("registered_model_name", "must not be empty")
+    if registry_uri.startswith("databricks-uc"):
+        parts = name.split(".")
+        if len(parts) != 3 or not all(_UC_PART.match(p) for p in parts):
+            raise RegisterInputError(
+                "registered_model_name",
+                f"Unity Catalog needs a three-part name catalog.schema.model without spaces or slashes, got {name!r}",
+            )
+    bad = [c for c in ("/", ":") if c in name]
+    if bad:
+        raise RegisterInputError("registered_model_name", f"{name!r} contains {' and '.join(map(repr, bad))}")
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(".."):
+        raise RegisterInputError("registered_model_name", f"{name!r} is not a valid name (it would read as {norm!r})")
     if not _ALIAS.match(alias) or alias.lower() == "latest" or re.match(r"^v\d+$", alias, re.I):
-        raise RegisterInputError(f"alias: {alias!r} is not a valid alias (letters, digits, _ and -; not latest or vN)")
+        raise RegisterInputError(
+            "alias", f"{alias!r} is not a valid alias (letters, digits, _ and -; not latest or vN)"
+        )
+
+
+def quoted(value: str) -> str | None:
+    """``value`` as a string literal of MLflow's search filters, or None if it cannot be written as one.
+
+    MLflow's filter parser does not unescape: a value with a single quote must be double-quoted,
+    and one with both kinds of quote has no literal at all.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
 
 
 @dataclass
@@ -34,35 +66,87 @@ class Decision:
     reason: str
 
 
-def gate(
-    summary: dict,
-    min_accuracy: float,
-    force: bool,
-    current: dict | None,
-) -> Decision:
-    """Whether the alias moves to the evaluated winner.
+@dataclass
+class Choice:
+    """The candidate register promotes: the best by the selected metric among those meeting the goals."""
 
-    ``current`` holds the tags of the version the alias points to now (None when unset).
+    key: str
+    passes: bool
+    reason: str
+
+
+def ranked(summary: dict) -> list[str]:
+    """Candidates best first by the selected metric; ties go to the lower p50 latency."""
+    metric, models = summary["metric"], summary["models"]
+    sign = 1 if METRICS[metric] else -1
+    return sorted(models, key=lambda k: (-sign * models[k][metric], models[k]["latency_p50_ms"]))
+
+
+def goals_failed(summary: dict, key: str, min_accuracy: float, max_accuracy_drop: float) -> str | None:
+    """Why candidate ``key`` misses the profile's goals, or None."""
+    m = summary["models"][key]
+    if m["accuracy"] < min_accuracy:
+        return f"{key} accuracy {m['accuracy']:.4g} is below min_accuracy {min_accuracy:.4g}"
+    ref = summary.get("reference")
+    if ref and key != ref and ref in summary["models"]:
+        drop = summary["models"][ref]["accuracy"] - m["accuracy"]
+        if drop > max_accuracy_drop + 1e-9:
+            return (
+                f"{key} loses {drop:.4g} accuracy against the reference {ref} "
+                f"({m['accuracy']:.4g} vs {summary['models'][ref]['accuracy']:.4g}), more than max_accuracy_drop "
+                f"{max_accuracy_drop:.4g}"
+            )
+    return None
+
+
+def choose(summary: dict, min_accuracy: float, max_accuracy_drop: float) -> Choice:
+    order = ranked(summary)
+    refused = []
+    for key in order:
+        why = goals_failed(summary, key, min_accuracy, max_accuracy_drop)
+        if why is None:
+            lead = f"{key} is the best by {summary['metric']} that meets the goals"
+            return Choice(key, True, lead + (f" ({'; '.join(refused)})" if refused else ""))
+        refused.append(why)
+    return Choice(order[0], False, "; ".join(refused))
+
+
+def gate(
+    summary: dict, choice: Choice, force: bool, current: dict | None, current_version: str | None = None
+) -> Decision:
+    """Whether the alias moves to the chosen candidate.
+
+    ``current`` holds the tags of the version the alias points to now (None when unset). The alias
+    moves on a strict improvement of the selected metric, or on an equal score with a p50 latency
+    more than TIE_BREAK_MARGIN lower; never on a tie within noise.
     """
-    best = summary["models"][summary["best"]]
+    best = summary["models"][choice.key]
     metric = summary["metric"]
     if force:
         return Decision(True, "force=true")
-    if best["accuracy"] < min_accuracy:
-        return Decision(False, f"accuracy {best['accuracy']:.4g} is below min_accuracy {min_accuracy:.4g}")
+    if not choice.passes:
+        return Decision(False, choice.reason)
     if current is None:
-        return Decision(True, f"accuracy {best['accuracy']:.4g} >= min_accuracy and no version holds the alias")
+        return Decision(True, f"{choice.reason}; no version holds the alias")
+    holder = f"version {current_version}" if current_version else "the current version"
     theirs = current.get(f"metric.{metric}")
     if theirs is None:
-        return Decision(True, f"the current version records no {metric}; the gated winner replaces it")
+        return Decision(True, f"{holder} records no {metric}; the gated winner replaces it")
     theirs = float(theirs)
+    if better(metric, best[metric], theirs):
+        return Decision(True, f"{metric} {best[metric]:.4g} beats {holder}'s {theirs:.4g}")
     if better(metric, theirs, best[metric]):
-        return Decision(False, f"{metric} {best[metric]:.4g} is worse than the current version's {theirs:.4g}")
-    return Decision(True, f"{metric} {best[metric]:.4g} is at least as good as the current version's {theirs:.4g}")
+        return Decision(False, f"{metric} {best[metric]:.4g} is worse than {holder}'s {theirs:.4g}")
+    mine, their_p50 = best["latency_p50_ms"], current.get("metric.latency_p50_ms")
+    if their_p50 is not None and mine < float(their_p50) * (1 - TIE_BREAK_MARGIN):
+        gain = (
+            f"p50 latency {mine:.4g} ms beats {holder}'s {float(their_p50):.4g} ms by more than {TIE_BREAK_MARGIN:.0%}"
+        )
+        return Decision(True, f"tie on {metric} ({theirs:.4g}); {gain}")
+    return Decision(False, f"tie on {metric} ({theirs:.4g}) with {holder}, no latency gain beyond noise: it stays")
 
 
-def version_tags(summary: dict, eval_run_id: str, source_tags: dict, git_commit: str | None) -> dict:
-    key = summary["best"]
+def version_tags(summary: dict, key: str, eval_run_id: str, source_tags: dict, git_commit: str | None) -> dict:
     best = summary["models"][key]
     tags = {
         EVAL_RUN_TAG: eval_run_id,
@@ -77,12 +161,12 @@ def version_tags(summary: dict, eval_run_id: str, source_tags: dict, git_commit:
     return tags
 
 
-def describe(summary: dict, tags: dict, eval_run_id: str) -> str:
-    best = summary["models"][summary["best"]]
+def describe(summary: dict, key: str, tags: dict, eval_run_id: str) -> str:
+    best = summary["models"][key]
     what = {
         "chat": "transformers text-generation pipeline, OpenAI chat schema ({'messages': [...]} in)",
         "onnx": f"ONNX Runtime GenAI pyfunc, {tags['precision']} ({{'prompt': ...}} in, text out)",
-    }[summary["best"]]
+    }[key]
     return (
         f"{tags['source_model']} as a {what}. Won evaluation run {eval_run_id} on {summary['metric']}: "
         f"accuracy {best['accuracy']:.3f}, exact match {best['exact_match']:.3f}, "
@@ -112,10 +196,13 @@ def find_version(client, name: str, eval_run_id: str):
     """The version already registered from this evaluation run, if any (the newest)."""
     from mlflow.exceptions import MlflowException
 
+    literal = quoted(name)
+    by_tag = f"tag.{EVAL_RUN_TAG} = {quoted(eval_run_id)}"
     try:
-        found = client.search_model_versions(f"name = '{name}' and tag.{EVAL_RUN_TAG} = '{eval_run_id}'")
+        found = client.search_model_versions(f"name = {literal} and {by_tag}" if literal else by_tag)
     except MlflowException:
         return None
+    found = [v for v in found if v.name == name]
     return max(found, key=lambda v: int(v.version)) if found else None
 
 

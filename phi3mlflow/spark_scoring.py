@@ -77,7 +77,11 @@ def score(spark, key: str, uri: str, questions: list[str], max_new_tokens: int, 
     start = time.perf_counter()
     if key == "onnx":
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
-        udf = mlflow.pyfunc.spark_udf(spark, uri, result_type="string", env_manager="local", params=params)
+        # A batch job, not a served request: lift the per-request caps to the whole question set.
+        caps = {"max_prompts_per_request": len(questions), "max_total_new_tokens": len(questions) * max_new_tokens}
+        udf = mlflow.pyfunc.spark_udf(
+            spark, uri, result_type="string", env_manager="local", params=params, model_config=caps
+        )
         df = df.withColumnRenamed("question", "prompt")
         rows = df.select("idx", udf("prompt").alias("text")).toPandas()
     else:

@@ -5,22 +5,19 @@ Phi-3 chat template, trained for a few seconds to memorise the bundled question 
 memoriser for offline runs and tests, not a language model: it answers the bundled questions and
 little else.
 
-The model is built on demand and cached under ``cache_root()/tiny-phi3-<key>``, where the key
+The model is built on demand and cached under ``phi3mlflow.cache.cache_root()/tiny-phi3-<key>``, where the key
 hashes everything that changes the bytes (this file, the training data, the library versions).
 A rebuild with the same inputs is byte-identical.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from phi3mlflow import DATA_DIR
+from phi3mlflow.cache import cached
 
 BUILTIN_MODEL = "builtin:tiny-phi3"
 
@@ -55,51 +52,22 @@ HPARAMS = {
 TRAINING_DATA = DATA_DIR / "questions.jsonl"
 
 
-def cache_root() -> Path:
-    """Where built models live: ``$PHI3MLFLOW_CACHE`` or ``~/.cache/phi3mlflow``."""
-    return Path(os.environ.get("PHI3MLFLOW_CACHE") or Path.home() / ".cache" / "phi3mlflow")
-
-
 def load_questions(path: Path = TRAINING_DATA) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def cache_key() -> str:
-    import tokenizers
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
     h.update(TRAINING_DATA.read_bytes())
     h.update(json.dumps(HPARAMS, sort_keys=True).encode())
-    for mod in (torch, transformers, tokenizers):
-        h.update(f"{mod.__name__}={mod.__version__};".encode())
+    # Versions from package metadata: reading them must not cost a torch import.
+    for name in ("torch", "transformers", "tokenizers"):
+        h.update(f"{name}={version(name)};".encode())
     return h.hexdigest()[:16]
-
-
-def cached(name: str, key: str, build_fn) -> Path:
-    """``cache_root()/<name>-<key>``, built by ``build_fn(folder)`` first if missing.
-
-    One process builds while others wait on a lock (parallel sweeps and test workers share the
-    cache); the build goes to a temporary folder renamed into place, so nobody sees half a model.
-    """
-    target = cache_root() / f"{name}-{key}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-        try:
-            build_fn(tmp)
-            os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def builtin_model_dir() -> Path:

@@ -12,17 +12,20 @@ Inputs (flags, spelled like the MLproject parameters):
                       latency is then the job's wall time per row (see phi3mlflow.spark_scoring)
 Outputs (on the run):
   metrics ``<key>_<metric>`` for key chat/onnx (accuracy, exact_match, f1, latency_p50_ms,
-  latency_p95_ms, tokens_per_s) and ``agreement``; tag ``best``; the dataset as an input;
-  artifacts ``summary.json``, ``comparison.png``, the side-by-side table ``eval_table.json`` and
-  MLflow's per-model ``<key>_eval_results_table.json``.
+  latency_p95_ms, tokens_per_s), ``agreement`` and ``onnx_accuracy_delta`` (ONNX accuracy minus
+  the reference's, the transformers pipeline); tag ``best``; the dataset as an input; artifacts
+  ``summary.json`` (per model, and per category when the dataset has a ``category`` column),
+  ``comparison.png``, the side-by-side table ``eval_table.json`` and MLflow's per-model
+  ``<key>_eval_results_table.json``.
+Checked before any question is asked: every row (non-empty text question, an answer) and that each
+question fits the context of every model evaluated. Answers may list aliases: "8 | eight".
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from phi3mlflow.cli import StepParser, fail, non_negative_float, positive_int, run_main
+from phi3mlflow.cli import StepParser, non_negative_float, positive_int, run_main
 from phi3mlflow.evaluation import DEFAULT_DATASET
 from phi3mlflow.metrics import METRICS
 
@@ -49,25 +52,25 @@ def main(args) -> dict:
     from phi3mlflow.tracking import log_params_once
 
     uris = {k: u.strip() for k, u in (("chat", args.chat_model_uri), ("onnx", args.onnx_model_uri)) if u.strip()}
-    try:
-        if not uris:
-            raise ev.EvaluationInputError("chat_model_uri: give chat_model_uri, onnx_model_uri or both")
-        data = ev.load_dataset(args.dataset, args.question_column, args.answer_column)
-        for key, uri in uris.items():
-            ev.check_model_uri(key, uri)
-        if args.engine == "spark":
-            from phi3mlflow import spark_scoring
-
-            spark_scoring.check_available()
-    except ev.EvaluationInputError as e:
-        param, _, message = str(e).partition(": ")
-        fail(param, message)
-
-    callers = {"chat": ev.ChatCaller, "onnx": ev.OnnxCaller}
+    if not uris:
+        raise ev.EvaluationInputError("chat_model_uri", "give chat_model_uri, onnx_model_uri or both")
+    data = ev.load_dataset(args.dataset, args.question_column, args.answer_column)
+    for key, uri in uris.items():
+        ev.check_model_uri(key, uri)
     questions = data["question"].tolist()
+    if args.engine == "spark":
+        from phi3mlflow import spark_scoring
+
+        spark_scoring.check_available()
+        callers = {}
+    else:
+        # Load both models and check every question against both contexts before answering any.
+        callers = {key: {"chat": ev.ChatCaller, "onnx": ev.OnnxCaller}[key](uri) for key, uri in uris.items()}
+        ev.check_fits(list(callers.values()), questions, args.dataset)
+
     table = data.copy()
     models = {}
-    with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run():
         log_params_once(vars(args))
         mlflow.log_input(
             mlflow.data.from_pandas(data, source=str(Path(args.dataset).resolve()), name=Path(args.dataset).stem),
@@ -79,7 +82,7 @@ def main(args) -> dict:
                 spark = spark_scoring.session()
                 answers = spark_scoring.score(spark, key, uri, questions, args.max_new_tokens, args.temperature)
             else:
-                answers = ev.answer_all(callers[key](uri), questions, args.max_new_tokens, args.temperature)
+                answers = ev.answer_all(callers[key], questions, args.max_new_tokens, args.temperature)
             scored = data.assign(
                 prediction=[a.text for a in answers],
                 latency_ms=[a.latency_ms for a in answers],
@@ -100,13 +103,21 @@ def main(args) -> dict:
         if agree is not None:
             mlflow.log_metric("agreement", agree)
             table["agree"] = [a == b for a, b in zip(table["chat_answer"], table["onnx_answer"], strict=True)]
-        result = ev.summary(models, args.select_metric, agree)
+        categories = {}
+        if "category" in table.columns:
+            for cat, rows in table.groupby("category", sort=True):
+                categories[str(cat)] = {key: float(rows[f"{key}_correct"].mean()) for key in models}
+        result = ev.summary(models, args.select_metric, agree, categories)
+        if "onnx" in models and "accuracy_delta" in models["onnx"]:
+            mlflow.log_metric("onnx_accuracy_delta", models["onnx"]["accuracy_delta"])
         mlflow.log_table(table, artifact_file="eval_table.json")
-        mlflow.log_artifact(str(ev.write_json(result, Path(tmp) / "summary.json")))
-        mlflow.log_artifact(str(ev.plot(models, Path(tmp) / "comparison.png")))
+        mlflow.log_dict(result, "summary.json")
+        mlflow.log_figure(ev.plot(models), "comparison.png")
         mlflow.set_tag("best", result["best"])
     for key, m in models.items():
         print(f"evaluate: {key}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "model_uri"))
+    for cat, accs in categories.items():
+        print(f"evaluate: {cat}: " + ", ".join(f"{k} accuracy={v:.3g}" for k, v in accs.items()))
     print(f"evaluate: best by {args.select_metric}: {result['best']}", flush=True)
     return result
 

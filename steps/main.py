@@ -3,16 +3,20 @@
 Inputs (flags, spelled like the MLproject parameters):
   --params_file  the profile (default params/tiny.yaml); the only place params/*.yaml is read
   --model, --precision, --onnx_model_dir, --max_new_tokens, --temperature, --engine,
-  --registered_model_name, --min_accuracy, --use_cache
+  --registered_model_name, --min_accuracy, --max_accuracy_drop, --use_cache
                  overrides of the profile's values; empty means "as in the profile"
 Children (nested runs, each started with mlflow.run and the parent's env manager):
   pipeline_wrapper(model, serve_max_new_tokens, temperature, trust_remote_code)
   onnx_wrapper(model, precision, onnx_model_dir, serve_max_new_tokens, temperature)
   evaluate(both model URIs, dataset, max_new_tokens, temperature, select_metric, engine)
-  register(the evaluate run, registered_model_name, alias, min_accuracy, force)
-A child whose entry point, parameters and source version match a FINISHED run is reused.
+  register(the evaluate run, registered_model_name, alias, min_accuracy, max_accuracy_drop, force)
+A child is reused when a FINISHED run of it had the same parameters, the same code (content hash)
+and the same content in every file or folder its parameters name (dataset, model folder or GGUF
+file, ONNX folder), and its outputs still resolve. register changes the registry, so it always runs.
 Logged on the parent: every effective value as ``effective.<name>``, tags child.<step>.run_id and
-child.<step>.cache (run/reused), registered_version, alias_moved, and the evaluation's metrics.
+child.<step>.cache (run/reused), registered_version, winner, alias_moved, champion_version (read
+from the registry when the chain ends), phi3.error when a step fails or the chain is cancelled,
+and the evaluation's metrics.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from phi3mlflow.chain import PROFILE_KEYS
 from phi3mlflow.cli import StepParser, fail, run_main, true_false
 
 OVERRIDES = ("model", "precision", "onnx_model_dir", "max_new_tokens", "temperature", "engine",
-             "registered_model_name", "min_accuracy", "use_cache")  # fmt: skip
+             "registered_model_name", "min_accuracy", "max_accuracy_drop", "use_cache")  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -38,16 +42,12 @@ def plan(args) -> dict:
     """The effective values: the profile, overridden by non-empty flags, validated by each step's parser."""
     import mlflow
 
-    from phi3mlflow.chain import ProfileError, load_profile
-    from phi3mlflow.evaluation import EvaluationInputError, load_dataset
-    from phi3mlflow.registry import RegisterInputError, check_names
+    from phi3mlflow.chain import load_profile
+    from phi3mlflow.evaluation import load_dataset
+    from phi3mlflow.registry import check_names
     from steps import evaluate, onnx_wrapper, pipeline_wrapper, register
 
-    try:
-        values = load_profile(args.params_file)
-    except ProfileError as e:
-        param, _, message = str(e).partition(": ")
-        fail(param, message)
+    values = load_profile(args.params_file)
     values.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) != ""})
     try:
         true_false(values["use_cache"])
@@ -63,16 +63,12 @@ def plan(args) -> dict:
     for name, step in steps.items():
         step.parse_args([x for k, v in step_params(name, values).items() for x in (f"--{k}", v)])
     # The checks evaluate and register would make only after the wrappers' heavy work.
-    try:
-        load_dataset(values["dataset"], values["question_column"], values["answer_column"])
-        check_names(values["registered_model_name"], values["alias"], mlflow.get_registry_uri())
-        if values["engine"] == "spark":
-            from phi3mlflow.spark_scoring import check_available
+    load_dataset(values["dataset"], values["question_column"], values["answer_column"])
+    check_names(values["registered_model_name"], values["alias"], mlflow.get_registry_uri())
+    if values["engine"] == "spark":
+        from phi3mlflow.spark_scoring import check_available
 
-            check_available()
-    except (EvaluationInputError, RegisterInputError) as e:
-        param, _, message = str(e).partition(": ")
-        fail(param, message)
+        check_available()
     return values
 
 
@@ -88,7 +84,7 @@ WIRING = {
                  "max_new_tokens": "max_new_tokens", "temperature": "temperature", "select_metric": "select_metric",
                  "engine": "engine"},
     "register": {"eval_run_id": "@eval", "registered_model_name": "registered_model_name", "alias": "alias",
-                 "min_accuracy": "min_accuracy", "force": "force"},
+                 "min_accuracy": "min_accuracy", "max_accuracy_drop": "max_accuracy_drop", "force": "force"},
 }  # fmt: skip
 
 
@@ -103,7 +99,9 @@ def step_params(name: str, values: dict, upstream: dict | None = None) -> dict:
 def main(args) -> dict:
     import mlflow
 
+    from phi3mlflow import registry, tags
     from phi3mlflow.chain import Chain, StepFailed
+    from phi3mlflow.cli import Cancelled
 
     values = plan(args)
     with mlflow.start_run() as parent:
@@ -112,22 +110,40 @@ def main(args) -> dict:
         # Children get the same one: nested mlflow.run calls do not inherit it by themselves.
         env_manager = mlflow.get_run(parent.info.run_id).data.tags.get("mlflow.project.env", "local")
         chain = Chain(parent.info.experiment_id, parent.info.run_id, values["use_cache"] == "true", env_manager)
-        mlflow.set_tags({"phi3.source_version": chain.source, "phi3.env_manager": env_manager})
-        client, up = chain.client, {}
+        mlflow.set_tags({tags.CODE_VERSION: chain.code, "phi3.env_manager": env_manager})
+        client, up, step = chain.client, {}, "pipeline_wrapper"
         try:
-            chat = chain.run("pipeline_wrapper", step_params("pipeline_wrapper", values))
-            onnx = chain.run("onnx_wrapper", step_params("onnx_wrapper", values))
-            up["chat"] = client.get_run(chat.run_id).data.tags["model_uri"]
-            up["onnx"] = client.get_run(onnx.run_id).data.tags["model_uri"]
-            up["eval"] = chain.run("evaluate", step_params("evaluate", values, up)).run_id
-            reg = chain.run("register", step_params("register", values, up))
+            chat = chain.run(step, step_params(step, values))
+            step = "onnx_wrapper"
+            onnx = chain.run(step, step_params(step, values))
+            up["chat"] = client.get_run(chat.run_id).data.tags[tags.MODEL_URI]
+            up["onnx"] = client.get_run(onnx.run_id).data.tags[tags.MODEL_URI]
+            step = "evaluate"
+            up["eval"] = chain.run(step, step_params(step, values, up)).run_id
+            step = "register"
+            # The registry is shared state: registering is never replayed from an earlier run.
+            reg = chain.run(step, step_params(step, values, up), cacheable=False)
         except StepFailed as e:
+            mlflow.set_tag(tags.ERROR, str(e)[:1000])
             fail("main", str(e))
+        except Cancelled as e:
+            mlflow.set_tag(tags.ERROR, f"{e} during {step}; nothing was registered after it")
+            raise
         eval_run, reg_run = client.get_run(up["eval"]), client.get_run(reg.run_id)
         mlflow.log_metrics(eval_run.data.metrics)
-        outcome = {k: reg_run.data.tags[k] for k in ("registered_model", "registered_version", "alias_moved")}
-        mlflow.set_tags({**outcome, "best": eval_run.data.tags.get("best", "")})
-    print(f"main: done: {outcome}", flush=True)
+        outcome = {k: reg_run.data.tags.get(k, "") for k in ("registered_model", "registered_version", "winner",
+                                                               "alias_moved", "alias_reason")}  # fmt: skip
+        # What the registry says now, not what the step believed: another job may have moved it since.
+        champion, _ = registry.alias_tags(client, values["registered_model_name"], values["alias"])
+        outcome[tags.CHAMPION_VERSION] = champion or ""
+        mlflow.set_tags({**outcome, "best": outcome["winner"]})
+    name, alias = outcome["registered_model"], values["alias"]
+    moved = "moved to it" if outcome["alias_moved"] == "true" else "not moved"
+    print(
+        f"main: done: {outcome['winner']} registered as {name} version {outcome['registered_version']}; "
+        f"@{alias} {moved} ({outcome['alias_reason']}); @{alias} is version {champion or 'unset'}",
+        flush=True,
+    )
     return outcome
 
 

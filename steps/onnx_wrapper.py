@@ -1,12 +1,16 @@
 """onnx_wrapper: log the model's ONNX Runtime GenAI export as a pickle-free MLflow pyfunc.
 
 Inputs (flags, spelled like the MLproject parameters):
-  --model           builtin:tiny-phi3 (default), a hub id, or a local HF folder; exported with
-                    onnxruntime-genai's model builder (cached per source bytes and precision)
+  --model           builtin:tiny-phi3 (default), builtin:smollm2-135m-instruct, gguf:<file>, a hub
+                    id, or a local HF folder; exported with onnxruntime-genai's model builder
+                    (cached per source content and precision)
   --precision       fp32, int8 or int4 (default): the builder's weight precision
   --onnx_model_dir  an existing ORT GenAI folder (with genai_config.json); when set, no export runs
   --max_new_tokens  default generation length (a request may override it)
   --temperature     default temperature; 0 means greedy
+  --max_prompts_per_request, --max_total_new_tokens
+                    caps on one request's work (prompts; prompts x max_new_tokens), so one
+                    request cannot hold a server past its timeout; beyond them: a 400
 Outputs:
   a logged model named ``onnx_model`` ({"prompt": ...} in, text out; models-from-code, no pickle)
   and the run tag ``model_uri`` (``models:/<id>``) naming it.
@@ -20,6 +24,7 @@ import argparse
 
 from phi3mlflow import PACKAGE_DIR
 from phi3mlflow.cli import StepParser, fail, model_source, non_negative_float, positive_int, resolve_model_dir, run_main
+from phi3mlflow.genai import MAX_PROMPTS_PER_REQUEST, MAX_TOTAL_NEW_TOKENS
 from phi3mlflow.tiny import BUILTIN_MODEL
 
 PRECISIONS = ("fp32", "int8", "int4")
@@ -47,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--onnx_model_dir", type=genai_folder, default="")
     p.add_argument("--max_new_tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=0.0)
+    p.add_argument("--max_prompts_per_request", type=positive_int, default=MAX_PROMPTS_PER_REQUEST)
+    p.add_argument("--max_total_new_tokens", type=positive_int, default=MAX_TOTAL_NEW_TOKENS)
     return p.parse_args(argv)
 
 
@@ -96,6 +103,8 @@ def main(args) -> str:
                 "intra_op_num_threads": 0,
                 "max_new_tokens": args.max_new_tokens,
                 "temperature": args.temperature,
+                "max_prompts_per_request": args.max_prompts_per_request,
+                "max_total_new_tokens": args.max_total_new_tokens,
             },
             signature=signature(args.max_new_tokens, args.temperature),
             input_example=INPUT_EXAMPLE,

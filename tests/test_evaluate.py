@@ -49,7 +49,12 @@ def test_summary_table_plot_and_dataset_are_recorded(eval_run, chat_run, tmp_pat
     summary = json.load(open(_artifact(run.info.run_id, "summary.json", tmp_path)))
     assert summary["metric"] == "accuracy" and summary["best"] == run.data.tags["best"]
     assert summary["models"]["chat"]["model_uri"] == chat_run.run.data.tags["model_uri"]
-    assert set(summary["models"]["onnx"]) == {"model_uri", *metrics.METRICS}
+    assert set(summary["models"]["onnx"]) == {"model_uri", "accuracy_delta", *metrics.METRICS}
+    assert summary["reference"] == "chat" and set(summary["models"]["chat"]) == {"model_uri", *metrics.METRICS}
+    assert summary["models"]["onnx"]["accuracy_delta"] == pytest.approx(
+        summary["models"]["onnx"]["accuracy"] - summary["models"]["chat"]["accuracy"]
+    )
+    assert run.data.metrics["onnx_accuracy_delta"] == pytest.approx(summary["models"]["onnx"]["accuracy_delta"])
     assert summary["agreement"] == run.data.metrics["agreement"]
     png = open(_artifact(run.info.run_id, "comparison.png", tmp_path), "rb").read()
     assert png.startswith(b"\x89PNG") and len(png) > 5000

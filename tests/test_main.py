@@ -94,7 +94,7 @@ def test_register_is_never_replayed_and_main_reports_the_registry_as_it_is(first
     version = first.run.data.tags["registered_version"]
     # Someone moves the alias by hand to a version that records no metrics.
     chat_uri = _children(first.run.info.run_id)["pipeline_wrapper"].data.tags["model_uri"]
-    by_hand = client.create_model_version("main-chat", chat_uri).version
+    by_hand = mlflow.register_model(chat_uri, "main-chat").version
     client.set_registered_model_alias("main-chat", "champion", by_hand)
     again = mlflow_run("main", {"params_file": str(profile)}, experiment=EXPERIMENT)
     holder = client.get_model_version_by_alias("main-chat", "champion").version

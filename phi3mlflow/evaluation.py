@@ -107,7 +107,12 @@ class ChatCaller:
 
     def __init__(self, uri: str):
         import mlflow
+        from transformers.utils import logging as hf_logging
 
+        # Counting a too-long question's tokens is our context check, not a mistake to warn about;
+        # the weight-loading bar is noise in a step's log.
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         self.model = mlflow.pyfunc.load_model(uri)
         pipe = self.model.get_raw_model()
         self.tokenizer = pipe.tokenizer

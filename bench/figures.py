@@ -89,14 +89,14 @@ class Setup:
             prompt = "Describe in detail the history of the old mountain village and its people near the coast."
         uris = {
             "chat": pipeline_wrapper.main(
-                pipeline_wrapper.parse_args(["--model", model, "--max_new_tokens", str(new_tokens)])
+                pipeline_wrapper.parse_args(["--model", model, "--serve_max_new_tokens", str(new_tokens)])
             ),  # fmt: skip
         }
         folders = {}
         for p in ("fp32", "int4"):
             folders[p] = export(str(model_dir), p)
-            uris[p] = onnx_wrapper.main(onnx_wrapper.parse_args(["--model", model, "--precision", p,
-                                                                 "--max_new_tokens", str(new_tokens)]))  # fmt: skip
+            args = ["--model", model, "--precision", p, "--serve_max_new_tokens", str(new_tokens)]
+            uris[p] = onnx_wrapper.main(onnx_wrapper.parse_args(args))
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)

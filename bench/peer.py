@@ -154,8 +154,8 @@ def run(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
                     "-o", str(folders["fp16"]), "-p", "fp16", "-e", "cpu", "-c", str(tmp / "hf-cache")],
                    check=True, capture_output=True)  # fmt: skip
     uris = dict(setup.uris)
-    uris["int8"] = onnx_wrapper.main(onnx_wrapper.parse_args(["--model", str(setup.model_dir), "--precision", "int8",
-                                                               "--max_new_tokens", str(setup.new_tokens)]))  # fmt: skip
+    args = ["--model", str(setup.model_dir), "--precision", "int8", "--serve_max_new_tokens", str(setup.new_tokens)]
+    uris["int8"] = onnx_wrapper.main(onnx_wrapper.parse_args(args))
 
     chat = GenAIChat(folders["fp32"], threads)
     prompt_ids = [int(t) for t in chat.encode(setup.prompt)]

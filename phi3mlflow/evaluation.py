@@ -8,11 +8,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3mlflow import DATA_DIR
+from phi3mlflow import PROJECT_ROOT
 from phi3mlflow.errors import InputError
 from phi3mlflow.metrics import better
 
-DEFAULT_DATASET = DATA_DIR / "questions.jsonl"
+# Relative to the project, like every path a profile or MLproject default names.
+DEFAULT_DATASET = "data/questions.jsonl"
 # What each wrapper's signature takes, so a URI of the wrong kind is caught before loading.
 INPUT_FIELD = {"chat": "messages", "onnx": "prompt"}
 
@@ -34,6 +35,8 @@ def load_dataset(path: str, question_column: str, answer_column: str):
     import pandas as pd
 
     p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists():
+        p = PROJECT_ROOT / p
     if not p.is_file():
         _fail("dataset", f"no such file: {path}")
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from phi3mlflow.genai import MAX_PROMPTS_PER_REQUEST, MAX_TOTAL_NEW_TOKENS, GenAIChat, InvalidRequest, SearchOptions
@@ -26,7 +25,7 @@ ARTIFACT_KEY = "onnx_model"
 
 def _invalid(message: str) -> MlflowException:
     # INVALID_PARAMETER_VALUE makes `mlflow models serve` answer 400 rather than 500.
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    return MlflowException.invalid_parameter_value(message)
 
 
 class OnnxChatModel(PythonModel):

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p = StepParser(prog="evaluate", description=__doc__.split("\n", 1)[0])
     p.add_argument("--chat_model_uri", default="")
     p.add_argument("--onnx_model_uri", default="")
-    p.add_argument("--dataset", default=str(DEFAULT_DATASET))
+    p.add_argument("--dataset", default=DEFAULT_DATASET)
     p.add_argument("--question_column", default="question")
     p.add_argument("--answer_column", default="answer")
     p.add_argument("--max_new_tokens", type=positive_int, default=64)

@@ -2,7 +2,7 @@
 
 Inputs (flags, spelled like the MLproject parameters):
   --params_file  the profile (default params/tiny.yaml); the only place params/*.yaml is read
-  --model, --precision, --onnx_model_dir, --max_new_tokens, --temperature, --engine,
+  --model, --precision, --onnx_model_dir, --serve_max_new_tokens, --max_new_tokens, --temperature, --engine,
   --registered_model_name, --min_accuracy, --max_accuracy_drop, --use_cache
                  overrides of the profile's values; empty means "as in the profile"
 Children (nested runs, each started with mlflow.run and the parent's env manager):
@@ -26,7 +26,7 @@ import argparse
 from phi3mlflow.chain import PROFILE_KEYS
 from phi3mlflow.cli import StepParser, fail, run_main, true_false
 
-OVERRIDES = ("model", "precision", "onnx_model_dir", "max_new_tokens", "temperature", "engine",
+OVERRIDES = ("model", "precision", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens", "temperature", "engine",
              "registered_model_name", "min_accuracy", "max_accuracy_drop", "use_cache")  # fmt: skip
 
 
@@ -75,10 +75,10 @@ def plan(args) -> dict:
 # Each step's parameters: a profile key, or "@x" for an upstream output (chat/onnx model URI,
 # evaluation run ID).
 WIRING = {
-    "pipeline_wrapper": {"model": "model", "max_new_tokens": "serve_max_new_tokens",
+    "pipeline_wrapper": {"model": "model", "serve_max_new_tokens": "serve_max_new_tokens",
                          "temperature": "temperature", "trust_remote_code": "trust_remote_code"},
     "onnx_wrapper": {"model": "model", "precision": "precision", "onnx_model_dir": "onnx_model_dir",
-                     "max_new_tokens": "serve_max_new_tokens", "temperature": "temperature"},
+                     "serve_max_new_tokens": "serve_max_new_tokens", "temperature": "temperature"},
     "evaluate": {"chat_model_uri": "@chat", "onnx_model_uri": "@onnx", "dataset": "dataset",
                  "question_column": "question_column", "answer_column": "answer_column",
                  "max_new_tokens": "max_new_tokens", "temperature": "temperature", "select_metric": "select_metric",

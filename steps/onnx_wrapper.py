@@ -6,7 +6,7 @@ Inputs (flags, spelled like the MLproject parameters):
                     (cached per source content and precision)
   --precision       fp32, int8 or int4 (default): the builder's weight precision
   --onnx_model_dir  an existing ORT GenAI folder (with genai_config.json); when set, no export runs
-  --max_new_tokens  default generation length (a request may override it)
+  --serve_max_new_tokens  default answer length logged into the model (requests may override it)
   --temperature     default temperature; 0 means greedy
   --max_prompts_per_request, --max_total_new_tokens
                     caps on one request's work (prompts; prompts x max_new_tokens), so one
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--model", type=model_source, default=BUILTIN_MODEL)
     p.add_argument("--precision", choices=PRECISIONS, default="int4")
     p.add_argument("--onnx_model_dir", type=genai_folder, default="")
-    p.add_argument("--max_new_tokens", type=positive_int, default=64)
+    p.add_argument("--serve_max_new_tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=0.0)
     p.add_argument("--max_prompts_per_request", type=positive_int, default=MAX_PROMPTS_PER_REQUEST)
     p.add_argument("--max_total_new_tokens", type=positive_int, default=MAX_TOTAL_NEW_TOKENS)
@@ -101,12 +101,12 @@ def main(args) -> str:
             code_paths=[str(PACKAGE_DIR)],
             model_config={
                 "intra_op_num_threads": 0,
-                "max_new_tokens": args.max_new_tokens,
+                "max_new_tokens": args.serve_max_new_tokens,
                 "temperature": args.temperature,
                 "max_prompts_per_request": args.max_prompts_per_request,
                 "max_total_new_tokens": args.max_total_new_tokens,
             },
-            signature=signature(args.max_new_tokens, args.temperature),
+            signature=signature(args.serve_max_new_tokens, args.temperature),
             input_example=INPUT_EXAMPLE,
             # Serving needs onnxruntime-genai, not torch.
             pip_requirements=pinned("mlflow", "onnxruntime-genai"),

@@ -3,7 +3,7 @@
 Inputs (flags, spelled like the MLproject parameters):
   --model              builtin:tiny-phi3 (default, built offline), builtin:smollm2-135m-instruct,
                        gguf:<file>, a hub id, or a local HF folder
-  --max_new_tokens     default generation length of the logged model
+  --serve_max_new_tokens  default answer length logged into the model (requests may override it)
   --temperature        0 means greedy decoding
   --trust_remote_code  true/false, default false: run model code shipped with hub weights
 Outputs:
@@ -31,7 +31,7 @@ INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital o
 def parse_args(argv=None):
     p = StepParser(prog="pipeline_wrapper", description=__doc__.split("\n", 1)[0])
     p.add_argument("--model", type=model_source, default=BUILTIN_MODEL)
-    p.add_argument("--max_new_tokens", type=positive_int, default=64)
+    p.add_argument("--serve_max_new_tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=0.0)
     p.add_argument("--trust_remote_code", type=true_false, default=False)
     return p.parse_args(argv)
@@ -66,7 +66,7 @@ def main(args) -> str:
             transformers_model=pipe,
             name="chat_model",
             task="llm/v1/chat",
-            model_config=generation_config(args.max_new_tokens, args.temperature),
+            model_config=generation_config(args.serve_max_new_tokens, args.temperature),
             input_example=INPUT_EXAMPLE,
             # Inferred requirements pull in torchvision, which fails beside the CPU torch.
             pip_requirements=pinned("mlflow", "torch", "transformers", "tokenizers"),

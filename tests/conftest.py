@@ -147,10 +147,10 @@ def onnx_fp32_dir(builtin_dir) -> Path:
 @pytest.fixture(scope="session")
 def chat_run(mlflow_run):
     """pipeline_wrapper on the built-in model, once per session."""
-    return mlflow_run("pipeline_wrapper", {"max_new_tokens": 32}, experiment="pipeline-wrapper")
+    return mlflow_run("pipeline_wrapper", {"serve_max_new_tokens": 32}, experiment="pipeline-wrapper")
 
 
 @pytest.fixture(scope="session")
 def int4_run(mlflow_run):
     """onnx_wrapper (int4) on the built-in model, once per session."""
-    return mlflow_run("onnx_wrapper", {"precision": "int4", "max_new_tokens": 32}, experiment="onnx-wrapper")
+    return mlflow_run("onnx_wrapper", {"precision": "int4", "serve_max_new_tokens": 32}, experiment="onnx-wrapper")

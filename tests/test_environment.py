@@ -57,3 +57,19 @@ def test_entry_point_flags_are_spelled_like_its_parameters(name):
     ).stdout
     for flag in re.findall(r"--(\w+)", command):
         assert f"--{flag}" in help_text, flag
+
+
+@pytest.mark.parametrize("name", sorted(_entry_points()))
+def test_mlproject_defaults_are_the_steps_own_defaults(name):
+    """One owner per default: the step's parser. MLproject repeats it; this keeps them in step."""
+    import importlib
+
+    step = importlib.import_module(f"steps.{name}")
+    required = ["--eval_run_id", "x"] if name == "register" else []
+    parsed = vars(step.parse_args(required))
+    for param, spec in _entry_points()[name]["parameters"].items():
+        if "default" not in spec:
+            continue
+        ours = parsed[param]
+        as_logged = str(ours).lower() if isinstance(ours, bool) else str(ours)
+        assert as_logged == spec["default"], (name, param)

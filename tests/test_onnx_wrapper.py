@@ -161,7 +161,7 @@ def test_prebuilt_onnx_model_dir_skips_the_export(mlflow_run, onnx_fp32_dir):
         ("--precision", "int3"),
         ("--onnx_model_dir", "/no/such/folder"),
         ("--onnx_model_dir", "."),
-        ("--max_new_tokens", "-1"),
+        ("--serve_max_new_tokens", "-1"),
         ("--temperature", "hot"),
         ("--model", "./missing"),
     ],

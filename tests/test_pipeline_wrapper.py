@@ -10,7 +10,7 @@ def test_run_finishes_with_params_and_model_uri_tag(chat_run):
     run = chat_run.run
     assert run.info.status == "FINISHED"
     assert run.data.params["model"] == "builtin:tiny-phi3"
-    assert run.data.params["max_new_tokens"] == "32"
+    assert run.data.params["serve_max_new_tokens"] == "32"
     assert run.data.params["trust_remote_code"] == "false"
     assert run.data.tags["model_uri"].startswith("models:/")
     assert run.data.tags["wrapper"] == "chat"
@@ -43,8 +43,8 @@ def test_logged_model_carries_pinned_requirements_without_torchvision(chat_run):
     [
         ("--model", "./no/such/model", "--model"),
         ("--model", "not a model id!", "--model"),
-        ("--max_new_tokens", "0", "--max_new_tokens"),
-        ("--max_new_tokens", "ten", "--max_new_tokens"),
+        ("--serve_max_new_tokens", "0", "--serve_max_new_tokens"),
+        ("--serve_max_new_tokens", "ten", "--serve_max_new_tokens"),
         ("--temperature", "-0.5", "--temperature"),
         ("--trust_remote_code", "yes", "--trust_remote_code"),
     ],
@@ -58,9 +58,9 @@ def test_bad_input_fails_fast_with_one_line_naming_the_parameter(flag, value, ne
 
 
 def test_bad_input_through_mlflow_run_leaves_the_run_failed_without_a_model(mlflow_run):
-    result = mlflow_run("pipeline_wrapper", {"max_new_tokens": 0}, experiment="pipeline-wrapper-bad", check=False)
+    result = mlflow_run("pipeline_wrapper", {"serve_max_new_tokens": 0}, experiment="pipeline-wrapper-bad", check=False)
     assert result.proc.returncode != 0
-    assert "--max_new_tokens" in result.output
+    assert "--serve_max_new_tokens" in result.output
     run = result.run
     assert run.info.status == "FAILED"
     assert "model_uri" not in run.data.tags

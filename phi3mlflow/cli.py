@@ -9,6 +9,7 @@ import gc
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from phi3mlflow import tags
 from phi3mlflow.errors import InputError
@@ -141,7 +142,7 @@ class StepParser(argparse.ArgumentParser):
         return super().parse_args(args, namespace)
 
 
-def fail(parameter: str, message: str) -> None:
+def fail(parameter: str, message: str) -> NoReturn:
     """Exit with the one-line error for a value that is only found bad after parsing."""
     sys.stderr.write(f"error: {parameter}: {message}\n")
     # The first cause recorded wins: main tags a failed step's cause before it exits through here.
@@ -149,7 +150,7 @@ def fail(parameter: str, message: str) -> None:
     raise SystemExit(2)
 
 
-def fail_input(e: InputError) -> None:
+def fail_input(e: InputError) -> NoReturn:
     fail(e.parameter, e.message)
 
 

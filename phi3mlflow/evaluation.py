@@ -191,6 +191,7 @@ def choose_best(models: dict[str, dict], metric: str) -> str:
             best = key
         elif m[metric] == models[best][metric] and m["latency_p50_ms"] < models[best]["latency_p50_ms"]:
             best = key
+    assert best is not None, "no models to choose from"
     return best
 
 

@@ -132,7 +132,7 @@ class GenAIChat:
     def _generator(self, ids, opts: SearchOptions):
         og = self.og
         params = og.GeneratorParams(self.model)
-        search = {"max_length": min(self.context_length, len(ids) + opts.max_new_tokens)}
+        search: dict[str, int | float | bool] = {"max_length": min(self.context_length, len(ids) + opts.max_new_tokens)}
         if opts.do_sample and opts.temperature > 0:
             search.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p)
         else:

@@ -216,7 +216,7 @@ def inspect(path: str | Path) -> GGUFInfo:
     name = meta.get("general.name") or meta.get("general.basename") or path.stem
     return GGUFInfo(
         path=path,
-        architecture=architecture,
+        architecture=str(architecture),
         name=str(name),
         context_length=int(context) if isinstance(context, int) else None,
     )

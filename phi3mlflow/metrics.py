@@ -51,8 +51,8 @@ def token_f1(prediction: str, expected: str) -> float:
     return max(_f1(prediction, a) for a in aliases(expected))
 
 
-def _f1(prediction: str, gold: str) -> float:
-    pred, gold = normalize(prediction).split(), gold.split()
+def _f1(prediction: str, answer: str) -> float:
+    pred, gold = normalize(prediction).split(), answer.split()
     if not pred or not gold:
         return float(pred == gold)
     common = sum((Counter(pred) & Counter(gold)).values())

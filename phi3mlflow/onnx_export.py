@@ -65,6 +65,7 @@ def _run_streaming(cmd: list[str]) -> None:
     tail: deque[str] = deque(maxlen=15)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
         try:
             for line in proc.stdout:
                 # The builder redraws tqdm bars with \r; keep the console readable.

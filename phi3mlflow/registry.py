@@ -101,7 +101,7 @@ def goals_failed(summary: dict, key: str, min_accuracy: float, max_accuracy_drop
 
 def choose(summary: dict, min_accuracy: float, max_accuracy_drop: float) -> Choice:
     order = ranked(summary)
-    refused = []
+    refused: list[str] = []
     for key in order:
         why = goals_failed(summary, key, min_accuracy, max_accuracy_drop)
         if why is None:

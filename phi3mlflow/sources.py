@@ -34,7 +34,7 @@ def check(value: str) -> str:
     if value == BUILTIN_SMOLLM2 or value.startswith(GGUF_PREFIX):
         from phi3mlflow import gguf
 
-        path = gguf.gguf_path(value)
+        path = _gguf_file(value)
         gguf.inspect(path)
         return value if value == BUILTIN_SMOLLM2 else f"{GGUF_PREFIX}{path}"
     if value.startswith("builtin:"):
@@ -104,11 +104,18 @@ def content_digest(value: str) -> str:
 
         return f"tiny:{cache_key()}"
     if value == BUILTIN_SMOLLM2 or value.startswith(GGUF_PREFIX):
-        from phi3mlflow import gguf
 
-        return f"gguf:{file_digest(gguf.gguf_path(value))}"
+        return f"gguf:{file_digest(_gguf_file(value))}"
     path = Path(value).expanduser()
     if path.is_dir():
         return f"folder:{tree_digest(path)}"
     # A hub id names no fixed bytes; the cached snapshot's commit does, once there is one.
     return f"hub:{value}@{hub_revision(value) or 'unresolved'}"
+
+
+def _gguf_file(value: str) -> Path:
+    from phi3mlflow import gguf
+
+    path = gguf.gguf_path(value)
+    assert path is not None, value  # only called for the GGUF forms
+    return path

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from phi3mlflow import DATA_DIR
 from phi3mlflow.cache import cached
@@ -34,7 +35,7 @@ PHI3_CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 # Everything that shapes the bytes; part of the cache key.
-HPARAMS = {
+HPARAMS: dict[str, Any] = {
     "vocab_size": 512,
     "hidden_size": 128,
     # ORT GenAI's builder takes any Linear with out_features == vocab_size for the LM head, so

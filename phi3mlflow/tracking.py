@@ -36,6 +36,7 @@ def log_params_once(params: dict) -> None:
     import mlflow
 
     run = mlflow.active_run()
+    assert run is not None, "log_params_once needs an active run"
     have = mlflow.get_run(run.info.run_id).data.params
     todo = {k: str(v) for k, v in params.items() if k not in have}
     if todo:

@@ -14,5 +14,7 @@ fi
 export MLFLOW_DISABLE_TELEMETRY=true
 export PATH="$PWD/$VENV/bin:$PATH"
 "$VENV/bin/python" -m ruff check .
+"$VENV/bin/python" -m ruff format --check .
+"$VENV/bin/python" -m mypy
 # Two workers, one file each at a time: the suite is mostly process start-up and waits on servers.
 exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile "$@"

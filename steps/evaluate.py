@@ -46,6 +46,7 @@ def parse_args(argv=None):
 
 def main(args) -> dict:
     import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
 
     from phi3mlflow import evaluation as ev
     from phi3mlflow.metrics import agreement, mlflow_metrics
@@ -73,7 +74,7 @@ def main(args) -> dict:
     with mlflow.start_run():
         log_params_once(vars(args))
         mlflow.log_input(
-            mlflow.data.from_pandas(data, source=str(Path(args.dataset).resolve()), name=Path(args.dataset).stem),
+            from_pandas(data, source=str(Path(args.dataset).resolve()), name=Path(args.dataset).stem),
             context="evaluation",
         )
         for key, uri in uris.items():
@@ -89,9 +90,7 @@ def main(args) -> dict:
                 completion_tokens=[a.completion_tokens for a in answers],
             )
             result = mlflow.models.evaluate(
-                data=mlflow.data.from_pandas(
-                    scored, targets="expected", predictions="prediction", name=f"{key}_predictions"
-                ),
+                data=from_pandas(scored, targets="expected", predictions="prediction", name=f"{key}_predictions"),
                 extra_metrics=mlflow_metrics(),
                 evaluator_config={"metric_prefix": f"{key}_"},
             )

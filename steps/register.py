@@ -22,6 +22,8 @@ This step has side effects on the registry: main never reuses an earlier run of 
 
 from __future__ import annotations
 
+from mlflow.entities import Run
+
 from phi3mlflow.cli import StepParser, fail, run_main, true_false, unit_interval
 
 
@@ -36,7 +38,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _load_summary(client, eval_run_id: str) -> tuple[dict, object]:
+def _load_summary(client, eval_run_id: str) -> tuple[dict, Run]:
     import mlflow
     from mlflow.exceptions import MlflowException
 

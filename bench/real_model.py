@@ -1,0 +1,128 @@
+"""The real-model table: the chain's own records for one model at every precision, as Markdown.
+
+Run the chain once per precision on the real profile first, then read what it recorded:
+
+    for p in int4 int8 fp32; do
+      mlflow run . --env-manager local -P params_file=params/smollm2.yaml -P precision=$p
+    done
+    python -m bench.real_model [--model builtin:smollm2-135m-instruct] [--out real-model.json]
+
+For each precision, the newest FINISHED main run of that model gives the evaluation (accuracy
+overall and per category, agreement with the reference, tokens/s); each logged model's size is the
+sum of its artifact files, and its peak RSS is VmHWM of a fresh process that loads it and answers
+one question. Nothing is re-evaluated here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from bench.figures import _RSS
+
+QUESTION = "What is the capital of France?"
+
+
+def _size_mb(artifact_uri: str) -> float:
+    import mlflow
+
+    total = 0
+    for item in mlflow.artifacts.list_artifacts(artifact_uri=artifact_uri):
+        name = item.path.rsplit("/", 1)[-1]
+        total += _size_mb(f"{artifact_uri.rstrip('/')}/{name}") * 1e6 if item.is_dir else (item.file_size or 0)
+    return total / 1e6
+
+
+def _model_root(uri: str) -> str:
+    import mlflow
+
+    return mlflow.get_logged_model(uri.split("/")[1]).artifact_location
+
+
+def _peak_rss_mb(uri: str, request: dict) -> float:
+    proc = subprocess.run([sys.executable, "-c", _RSS, uri, json.dumps(request)], capture_output=True, text=True,
+                          check=True, env=dict(os.environ))  # fmt: skip
+    return int(proc.stdout.strip().splitlines()[-1]) / 1024
+
+
+def collect(model: str) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"params.`effective.model` = '{model}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    rows, chat = {}, None
+    for run in runs:
+        precision = run.data.params["effective.precision"]
+        if precision in rows:
+            continue
+        ev = client.get_run(run.data.tags["child.evaluate.run_id"])
+        summary = mlflow.artifacts.load_dict(f"{ev.info.artifact_uri}/summary.json")
+        onnx = summary["models"]["onnx"]
+        rows[precision] = {
+            "run_id": run.info.run_id,
+            "model_uri": onnx["model_uri"],
+            "accuracy": onnx["accuracy"],
+            "categories": {c: a["onnx"] for c, a in summary["categories"].items()},
+            "agreement": summary["agreement"],
+            "accuracy_delta": onnx["accuracy_delta"],
+            "tokens_per_s": onnx["tokens_per_s"],
+            "evaluated": ev.info.start_time,
+        }
+        if chat is None:
+            ref = summary["models"]["chat"]
+            chat = {
+                "run_id": run.info.run_id,
+                "model_uri": ref["model_uri"],
+                "accuracy": ref["accuracy"],
+                "categories": {c: a["chat"] for c, a in summary["categories"].items()},
+                "agreement": 1.0,
+                "accuracy_delta": 0.0,
+                "tokens_per_s": ref["tokens_per_s"],
+            }
+    if chat is None:
+        raise SystemExit(f"error: no FINISHED main run of {model}: run the chain on its profile first")
+    table = {"transformers (reference)": chat, **{f"ONNX {p}": rows[p] for p in ("fp32", "int8", "int4") if p in rows}}
+    for name, row in table.items():
+        request = (
+            {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32}
+            if name.startswith("transformers")
+            else {"prompt": QUESTION}
+        )
+        row["size_mb"] = _size_mb(_model_root(row["model_uri"]))
+        row["peak_rss_mb"] = _peak_rss_mb(row["model_uri"], request)
+    return table
+
+
+def markdown(table: dict) -> str:
+    cats = sorted(next(iter(table.values()))["categories"])
+    head = ["model", "accuracy", *cats, "agreement", "tokens/s", "size MB", "peak RSS MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in table.items():
+        cells = [name, f"{r['accuracy']:.3f}", *(f"{r['categories'][c]:.2f}" for c in cats), f"{r['agreement']:.3f}",
+                 f"{r['tokens_per_s']:.0f}", f"{r['size_mb']:.0f}", f"{r['peak_rss_mb']:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.real_model", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    table = collect(args.model)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(table, f, indent=2)
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    main()

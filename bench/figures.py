@@ -82,7 +82,7 @@ class Setup:
             model_dir = Path(resolve_model_dir(model))
             prompt = "What is the capital of Spain?"
         else:
-            from phi3mlflow.benchmodel import bench_model_dir
+            from bench.model import bench_model_dir
 
             model_dir, new_tokens = bench_model_dir(), 128
             model = str(model_dir)
@@ -193,11 +193,11 @@ def chat_overhead(s: Setup, pairs: int) -> dict:
 def speedup(s: Setup, pairs: int) -> dict:
     """tokens/s of the int4 ONNX wrapper over tokens/s of the chat wrapper (A = chat, B = ONNX)."""
     chat, onnx = s.load("chat"), s.load("int4")
-    tokenizer = onnx.unwrap_python_model().chat.tokenizer
+    counter = onnx.unwrap_python_model().chat
 
     def ratio(ra, ta, rb, tb):
         chat_tokens = ra[0]["usage"]["completion_tokens"]
-        onnx_tokens = min(len(tokenizer.encode(rb[0])) + 1, s.new_tokens)
+        onnx_tokens = counter.completion_tokens(rb[0], s.new_tokens)
         return (onnx_tokens / tb) / (chat_tokens / ta)
 
     return interleaved(

@@ -145,19 +145,17 @@ class OnnxCaller:
         self.model = mlflow.pyfunc.load_model(uri)
         # The pyfunc returns text only; its own tokenizer counts the generated tokens.
         self.chat = self.model.unwrap_python_model().chat
-        self.tokenizer = self.chat.tokenizer
         self.context_length = self.chat.context_length
 
     def prompt_tokens(self, question: str) -> int:
-        return len(self.tokenizer.encode(self.chat.format_prompt(question)))
+        return self.chat.prompt_tokens(question)
 
     def __call__(self, question: str, max_new_tokens: int, temperature: float) -> Answer:
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
         start = time.perf_counter()
         [text] = self.model.predict({"prompt": question}, params=params)
         ms = (time.perf_counter() - start) * 1000
-        # Like the chat model's usage, count the end token it stopped on, unless it ran out of tokens.
-        return Answer(text, ms, min(len(self.tokenizer.encode(text)) + 1, max_new_tokens))
+        return Answer(text, ms, self.chat.completion_tokens(text, max_new_tokens))
 
 
 def check_fits(callers: list, questions: list[str], dataset: str) -> None:

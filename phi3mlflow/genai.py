@@ -129,6 +129,15 @@ class GenAIChat:
             )
         return ids
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of ``prompt`` as the model sees it, chat template included."""
+        return len(self.tokenizer.encode(self.format_prompt(prompt)))
+
+    def completion_tokens(self, text: str, max_new_tokens: int) -> int:
+        """Tokens generated for the answer ``text``: like the transformers chat model's usage, the
+        end token it stopped on counts, unless it ran out of tokens first."""
+        return min(len(self.tokenizer.encode(text)) + 1, max_new_tokens)
+
     def _generator(self, ids, opts: SearchOptions):
         og = self.og
         params = og.GeneratorParams(self.model)

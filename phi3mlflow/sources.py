@@ -104,7 +104,6 @@ def content_digest(value: str) -> str:
 
         return f"tiny:{cache_key()}"
     if value == BUILTIN_SMOLLM2 or value.startswith(GGUF_PREFIX):
-
         return f"gguf:{file_digest(_gguf_file(value))}"
     path = Path(value).expanduser()
     if path.is_dir():

@@ -90,9 +90,9 @@ def score(spark, key: str, uri: str, questions: list[str], max_new_tokens: int, 
     per_row_ms = (time.perf_counter() - start) * 1000 / len(questions)
     rows = rows.sort_values("idx")
     if key == "onnx":
-        # As the local engine does: the model's own tokenizer counts, plus the end token it stopped on.
-        tokenizer = OnnxCaller(uri).tokenizer
-        counts = [min(len(tokenizer.encode(t)) + 1, max_new_tokens) for t in rows["text"]]
+        # As the local engine counts: the ONNX model's own rule.
+        chat = OnnxCaller(uri).chat
+        counts = [chat.completion_tokens(t, max_new_tokens) for t in rows["text"]]
     else:
         counts = rows["completion_tokens"].tolist()
     return [Answer(t, per_row_ms, int(n)) for t, n in zip(rows["text"], counts, strict=True)]

@@ -28,29 +28,25 @@ CODE_GLOBS = ("MLproject", "python_env.yaml", "conda.yaml", "requirements*.txt",
 CONTENT_PARAMS = ("model", "onnx_model_dir", "dataset")
 
 
-class ProfileError(InputError):
-    pass
-
-
 def load_profile(path: str) -> dict:
     p = Path(path)
     if not p.is_absolute() and not p.exists():
         p = PROJECT_ROOT / p
     if not p.is_file():
         known = ", ".join(sorted(str(x.relative_to(PROJECT_ROOT)) for x in (PROJECT_ROOT / "params").glob("*.yaml")))
-        raise ProfileError("params_file", f"no such profile {path!r} (known: {known})")
+        raise InputError("params_file", f"no such profile {path!r} (known: {known})")
     try:
         profile = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ProfileError("params_file", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise InputError("params_file", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(profile, dict):
-        raise ProfileError("params_file", f"{path} must be a mapping of parameter names to values")
+        raise InputError("params_file", f"{path} must be a mapping of parameter names to values")
     unknown = sorted(set(profile) - set(PROFILE_KEYS))
     if unknown:
-        raise ProfileError("params_file", f"{path} sets unknown parameters {unknown}")
+        raise InputError("params_file", f"{path} sets unknown parameters {unknown}")
     missing = sorted(set(PROFILE_KEYS) - set(profile))
     if missing:
-        raise ProfileError("params_file", f"{path} lacks {missing}")
+        raise InputError("params_file", f"{path} lacks {missing}")
     return {k: _as_param(v) for k, v in profile.items()}
 
 

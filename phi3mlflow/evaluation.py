@@ -11,6 +11,7 @@ from pathlib import Path
 from phi3mlflow import PROJECT_ROOT
 from phi3mlflow.errors import InputError
 from phi3mlflow.metrics import better
+from phi3mlflow.summary import Scores, Summary
 
 # Relative to the project, like every path a profile or MLproject default names.
 DEFAULT_DATASET = "data/questions.jsonl"
@@ -22,12 +23,8 @@ INPUT_FIELD = {"chat": "messages", "onnx": "prompt"}
 CATEGORY_COLUMN = "category"
 
 
-class EvaluationInputError(InputError):
-    """Bad evaluation input, naming the parameter."""
-
-
 def _fail(param: str, message: str):
-    raise EvaluationInputError(param, message)
+    raise InputError(param, message)
 
 
 def load_dataset(path: str, question_column: str, answer_column: str):
@@ -47,9 +44,9 @@ def load_dataset(path: str, question_column: str, answer_column: str):
         else:
             _fail("dataset", f"expected a .jsonl, .json or .csv file, got {p.name}")
     except (ValueError, pd.errors.ParserError) as e:
-        if isinstance(e, EvaluationInputError):
+        if isinstance(e, InputError):
             raise
-        raise EvaluationInputError("dataset", f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        raise InputError("dataset", f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if df.empty:
         _fail("dataset", f"{path} has no rows")
     for param, column in (("question_column", question_column), ("answer_column", answer_column)):
@@ -79,7 +76,7 @@ def check_model_uri(key: str, uri: str) -> None:
     try:
         info = mlflow.models.get_model_info(uri)
     except Exception as e:  # noqa: BLE001 - any failure to resolve is the user's URI
-        raise EvaluationInputError(param, f"cannot resolve {uri!r}: {str(e).splitlines()[0][:200]}") from None
+        raise InputError(param, f"cannot resolve {uri!r}: {str(e).splitlines()[0][:200]}") from None
     inputs = info.signature.inputs.input_names() if info.signature else []
     if INPUT_FIELD[key] not in inputs:
         _fail(
@@ -181,13 +178,13 @@ def answer_all(caller, questions: list[str], max_new_tokens: int, temperature: f
     return [caller(q, max_new_tokens, temperature) for q in bar]
 
 
-def choose_best(models: dict[str, dict], metric: str) -> str:
+def choose_best(models: dict[str, Scores], metric: str) -> str:
     """The key of the best model on ``metric``; ties go to the lower p50 latency."""
     best = None
     for key, m in models.items():
         if best is None or better(metric, m[metric], models[best][metric]):
             best = key
-        elif m[metric] == models[best][metric] and m["latency_p50_ms"] < models[best]["latency_p50_ms"]:
+        elif m[metric] == models[best][metric] and m.latency_p50_ms < models[best].latency_p50_ms:
             best = key
     assert best is not None, "no models to choose from"
     return best
@@ -196,25 +193,18 @@ def choose_best(models: dict[str, dict], metric: str) -> str:
 REFERENCE = "chat"
 
 
-def summary(models: dict[str, dict], metric: str, agreement: float | None, categories: dict | None = None) -> dict:
+def summary(models: dict[str, Scores], metric: str, agreement: float | None, categories: dict | None = None) -> Summary:
     """What register reads. The transformers pipeline is the reference: every other model records
     its accuracy difference to it (``accuracy_delta``, negative when it loses accuracy)."""
     reference = REFERENCE if REFERENCE in models else None
     if reference:
         for key, m in models.items():
             if key != reference:
-                m["accuracy_delta"] = m["accuracy"] - models[reference]["accuracy"]
-    return {
-        "metric": metric,
-        "best": choose_best(models, metric),
-        "reference": reference,
-        "agreement": agreement,
-        "models": models,
-        "categories": categories or {},
-    }
+                m.accuracy_delta = m.accuracy - models[reference].accuracy
+    return Summary(metric, choose_best(models, metric), reference, agreement, models, categories or {})
 
 
-def plot(models: dict[str, dict]):
+def plot(models: dict[str, Scores]):
     """Accuracy and latency side by side, as a matplotlib figure for mlflow.log_figure."""
     import matplotlib
 
@@ -224,11 +214,11 @@ def plot(models: dict[str, dict]):
     keys = list(models)
     colors = ["#4C72B0", "#DD8452"][: len(keys)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.5))
-    ax1.bar(keys, [models[k]["accuracy"] for k in keys], color=colors)
+    ax1.bar(keys, [models[k].accuracy for k in keys], color=colors)
     ax1.set_ylim(0, 1.05)
     ax1.set_title("accuracy (higher is better)")
-    p50 = [models[k]["latency_p50_ms"] for k in keys]
-    p95 = [models[k]["latency_p95_ms"] for k in keys]
+    p50 = [models[k].latency_p50_ms for k in keys]
+    p95 = [models[k].latency_p95_ms for k in keys]
     ax2.bar(keys, p50, color=colors, label="p50")
     ax2.scatter(keys, p95, color="black", marker="_", s=400, label="p95", zorder=3)
     ax2.set_title("latency per question, ms (lower is better)")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from phi3mlflow.errors import InputError
 from phi3mlflow.metrics import METRICS, better
+from phi3mlflow.summary import Summary
 
 EVAL_RUN_TAG = "source_eval_run"
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
@@ -20,31 +21,25 @@ _UC_PART = re.compile(r"^[^\s./\\:\x00-\x1f\x7f`]+$")
 TIE_BREAK_MARGIN = 0.10
 
 
-class RegisterInputError(InputError):
-    """Bad register input, naming the parameter."""
-
-
 def check_names(name: str, alias: str, registry_uri: str) -> None:
     """MLflow's and Unity Catalog's rules for registered model names, and the alias rules."""
     if not name.strip():
-        raise RegisterInputError("registered_model_name", "must not be empty")
+        raise InputError("registered_model_name", "must not be empty")
     if registry_uri.startswith("databricks-uc"):
         parts = name.split(".")
         if len(parts) != 3 or not all(_UC_PART.match(p) for p in parts):
-            raise RegisterInputError(
+            raise InputError(
                 "registered_model_name",
                 f"Unity Catalog needs a three-part name catalog.schema.model without spaces or slashes, got {name!r}",
             )
     bad = [c for c in ("/", ":") if c in name]
     if bad:
-        raise RegisterInputError("registered_model_name", f"{name!r} contains {' and '.join(map(repr, bad))}")
+        raise InputError("registered_model_name", f"{name!r} contains {' and '.join(map(repr, bad))}")
     norm = posixpath.normpath(name)
     if norm != name or norm == "." or norm.startswith(".."):
-        raise RegisterInputError("registered_model_name", f"{name!r} is not a valid name (it would read as {norm!r})")
+        raise InputError("registered_model_name", f"{name!r} is not a valid name (it would read as {norm!r})")
     if not _ALIAS.match(alias) or alias.lower() == "latest" or re.match(r"^v\d+$", alias, re.I):
-        raise RegisterInputError(
-            "alias", f"{alias!r} is not a valid alias (letters, digits, _ and -; not latest or vN)"
-        )
+        raise InputError("alias", f"{alias!r} is not a valid alias (letters, digits, _ and -; not latest or vN)")
 
 
 def quoted(value: str) -> str | None:
@@ -75,44 +70,44 @@ class Choice:
     reason: str
 
 
-def ranked(summary: dict) -> list[str]:
+def ranked(summary: Summary) -> list[str]:
     """Candidates best first by the selected metric; ties go to the lower p50 latency."""
-    metric, models = summary["metric"], summary["models"]
+    metric, models = summary.metric, summary.models
     sign = 1 if METRICS[metric] else -1
-    return sorted(models, key=lambda k: (-sign * models[k][metric], models[k]["latency_p50_ms"]))
+    return sorted(models, key=lambda k: (-sign * models[k][metric], models[k].latency_p50_ms))
 
 
-def goals_failed(summary: dict, key: str, min_accuracy: float, max_accuracy_drop: float) -> str | None:
+def goals_failed(summary: Summary, key: str, min_accuracy: float, max_accuracy_drop: float) -> str | None:
     """Why candidate ``key`` misses the profile's goals, or None."""
-    m = summary["models"][key]
-    if m["accuracy"] < min_accuracy:
-        return f"{key} accuracy {m['accuracy']:.4g} is below min_accuracy {min_accuracy:.4g}"
-    ref = summary.get("reference")
-    if ref and key != ref and ref in summary["models"]:
-        drop = summary["models"][ref]["accuracy"] - m["accuracy"]
+    m = summary.models[key]
+    if m.accuracy < min_accuracy:
+        return f"{key} accuracy {m.accuracy:.4g} is below min_accuracy {min_accuracy:.4g}"
+    ref = summary.reference
+    if ref and key != ref and ref in summary.models:
+        drop = summary.models[ref].accuracy - m.accuracy
         if drop > max_accuracy_drop + 1e-9:
             return (
                 f"{key} loses {drop:.4g} accuracy against the reference {ref} "
-                f"({m['accuracy']:.4g} vs {summary['models'][ref]['accuracy']:.4g}), more than max_accuracy_drop "
+                f"({m.accuracy:.4g} vs {summary.models[ref].accuracy:.4g}), more than max_accuracy_drop "
                 f"{max_accuracy_drop:.4g}"
             )
     return None
 
 
-def choose(summary: dict, min_accuracy: float, max_accuracy_drop: float) -> Choice:
+def choose(summary: Summary, min_accuracy: float, max_accuracy_drop: float) -> Choice:
     order = ranked(summary)
     refused: list[str] = []
     for key in order:
         why = goals_failed(summary, key, min_accuracy, max_accuracy_drop)
         if why is None:
-            lead = f"{key} is the best by {summary['metric']} that meets the goals"
+            lead = f"{key} is the best by {summary.metric} that meets the goals"
             return Choice(key, True, lead + (f" ({'; '.join(refused)})" if refused else ""))
         refused.append(why)
     return Choice(order[0], False, "; ".join(refused))
 
 
 def gate(
-    summary: dict, choice: Choice, force: bool, current: dict | None, current_version: str | None = None
+    summary: Summary, choice: Choice, force: bool, current: dict | None, current_version: str | None = None
 ) -> Decision:
     """Whether the alias moves to the chosen candidate.
 
@@ -120,8 +115,8 @@ def gate(
     moves on a strict improvement of the selected metric, or on an equal score with a p50 latency
     more than TIE_BREAK_MARGIN lower; never on a tie within noise.
     """
-    best = summary["models"][choice.key]
-    metric = summary["metric"]
+    best = summary.models[choice.key]
+    metric = summary.metric
     if force:
         return Decision(True, "force=true")
     if not choice.passes:
@@ -137,7 +132,7 @@ def gate(
         return Decision(True, f"{metric} {best[metric]:.4g} beats {holder}'s {theirs:.4g}")
     if better(metric, theirs, best[metric]):
         return Decision(False, f"{metric} {best[metric]:.4g} is worse than {holder}'s {theirs:.4g}")
-    mine, their_p50 = best["latency_p50_ms"], current.get("metric.latency_p50_ms")
+    mine, their_p50 = best.latency_p50_ms, current.get("metric.latency_p50_ms")
     if their_p50 is not None and mine < float(their_p50) * (1 - TIE_BREAK_MARGIN):
         gain = (
             f"p50 latency {mine:.4g} ms beats {holder}'s {float(their_p50):.4g} ms by more than {TIE_BREAK_MARGIN:.0%}"
@@ -146,31 +141,31 @@ def gate(
     return Decision(False, f"tie on {metric} ({theirs:.4g}) with {holder}, no latency gain beyond noise: it stays")
 
 
-def version_tags(summary: dict, key: str, eval_run_id: str, source_tags: dict, git_commit: str | None) -> dict:
-    best = summary["models"][key]
+def version_tags(summary: Summary, key: str, eval_run_id: str, source_tags: dict, git_commit: str | None) -> dict:
+    best = summary.models[key]
     tags = {
         EVAL_RUN_TAG: eval_run_id,
         "wrapper": key,
         "precision": source_tags.get("precision", "fp32" if key == "chat" else "unknown"),
         "source_model": source_tags.get("source_model", ""),
-        "selected_metric": summary["metric"],
-        **{f"metric.{m}": f"{best[m]:.6g}" for m in METRICS if m in best},
+        "selected_metric": summary.metric,
+        **{f"metric.{m}": f"{best[m]:.6g}" for m in METRICS},
     }
     if git_commit:
         tags["git_commit"] = git_commit
     return tags
 
 
-def describe(summary: dict, key: str, tags: dict, eval_run_id: str) -> str:
-    best = summary["models"][key]
+def describe(summary: Summary, key: str, tags: dict, eval_run_id: str) -> str:
+    best = summary.models[key]
     what = {
         "chat": "transformers text-generation pipeline, OpenAI chat schema ({'messages': [...]} in)",
         "onnx": f"ONNX Runtime GenAI pyfunc, {tags['precision']} ({{'prompt': ...}} in, text out)",
     }[key]
     return (
-        f"{tags['source_model']} as a {what}. Won evaluation run {eval_run_id} on {summary['metric']}: "
-        f"accuracy {best['accuracy']:.3f}, exact match {best['exact_match']:.3f}, "
-        f"p50 latency {best['latency_p50_ms']:.1f} ms, {best['tokens_per_s']:.0f} tokens/s."
+        f"{tags['source_model']} as a {what}. Won evaluation run {eval_run_id} on {summary.metric}: "
+        f"accuracy {best.accuracy:.3f}, exact match {best.exact_match:.3f}, "
+        f"p50 latency {best.latency_p50_ms:.1f} ms, {best.tokens_per_s:.0f} tokens/s."
     )
 
 

@@ -17,7 +17,8 @@ import shutil
 import sys
 import time
 
-from phi3mlflow.evaluation import Answer, EvaluationInputError, OnnxCaller, chat_request
+from phi3mlflow.errors import InputError
+from phi3mlflow.evaluation import Answer, OnnxCaller, chat_request
 
 
 def check_available() -> None:
@@ -25,10 +26,10 @@ def check_available() -> None:
     try:
         import pyspark  # noqa: F401
     except ImportError:
-        raise EvaluationInputError("engine", "spark needs pyspark: pip install -r requirements-spark.txt") from None
+        raise InputError("engine", "spark needs pyspark: pip install -r requirements-spark.txt") from None
     java_home = os.environ.get("JAVA_HOME")
     if not (java_home and os.path.exists(os.path.join(java_home, "bin", "java"))) and not shutil.which("java"):
-        raise EvaluationInputError("engine", "spark needs Java 17 or later (set JAVA_HOME or put java on PATH)")
+        raise InputError("engine", "spark needs Java 17 or later (set JAVA_HOME or put java on PATH)")
 
 
 def session():

@@ -23,11 +23,13 @@ question fits the context of every model evaluated. Answers may list aliases: "8
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from phi3mlflow.cli import StepParser, non_negative_float, positive_int, run_main
 from phi3mlflow.evaluation import DEFAULT_DATASET
 from phi3mlflow.metrics import METRICS
+from phi3mlflow.summary import Scores, Summary
 
 
 def parse_args(argv=None):
@@ -44,17 +46,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(args) -> dict:
+def main(args) -> Summary:
     import mlflow
     from mlflow.data.pandas_dataset import from_pandas
 
     from phi3mlflow import evaluation as ev
+    from phi3mlflow.errors import InputError
     from phi3mlflow.metrics import agreement, mlflow_metrics
     from phi3mlflow.tracking import log_params_once
 
     uris = {k: u.strip() for k, u in (("chat", args.chat_model_uri), ("onnx", args.onnx_model_uri)) if u.strip()}
     if not uris:
-        raise ev.EvaluationInputError("chat_model_uri", "give chat_model_uri, onnx_model_uri or both")
+        raise InputError("chat_model_uri", "give chat_model_uri, onnx_model_uri or both")
     data = ev.load_dataset(args.dataset, args.question_column, args.answer_column)
     for key, uri in uris.items():
         ev.check_model_uri(key, uri)
@@ -94,7 +97,7 @@ def main(args) -> dict:
                 extra_metrics=mlflow_metrics(),
                 evaluator_config={"metric_prefix": f"{key}_"},
             )
-            models[key] = {"model_uri": uri, **{m: result.metrics[f"{key}_{m}"] for m in METRICS}}
+            models[key] = Scores(model_uri=uri, **{m: float(result.metrics[f"{key}_{m}"]) for m in METRICS})
             table[f"{key}_answer"] = scored["prediction"]
             table[f"{key}_correct"] = result.tables["eval_results_table"][f"{key}_accuracy/score"] == 1.0
             table[f"{key}_latency_ms"] = scored["latency_ms"].round(2)
@@ -107,17 +110,18 @@ def main(args) -> dict:
             for cat, rows in table.groupby("category", sort=True):
                 categories[str(cat)] = {key: float(rows[f"{key}_correct"].mean()) for key in models}
         result = ev.summary(models, args.select_metric, agree, categories)
-        if "onnx" in models and "accuracy_delta" in models["onnx"]:
-            mlflow.log_metric("onnx_accuracy_delta", models["onnx"]["accuracy_delta"])
+        if "onnx" in models and models["onnx"].accuracy_delta is not None:
+            mlflow.log_metric("onnx_accuracy_delta", models["onnx"].accuracy_delta)
         mlflow.log_table(table, artifact_file="eval_table.json")
-        mlflow.log_dict(result, "summary.json")
+        mlflow.log_dict(result.to_dict(), "summary.json")
         mlflow.log_figure(ev.plot(models), "comparison.png")
-        mlflow.set_tag("best", result["best"])
+        mlflow.set_tag("best", result.best)
     for key, m in models.items():
-        print(f"evaluate: {key}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "model_uri"))
+        shown = {k: v for k, v in asdict(m).items() if k != "model_uri" and v is not None}
+        print(f"evaluate: {key}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     for cat, accs in categories.items():
         print(f"evaluate: {cat}: " + ", ".join(f"{k} accuracy={v:.3g}" for k, v in accs.items()))
-    print(f"evaluate: best by {args.select_metric}: {result['best']}", flush=True)
+    print(f"evaluate: best by {args.select_metric}: {result.best}", flush=True)
     return result
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from mlflow.entities import Run
 
 from phi3mlflow.cli import StepParser, fail, run_main, true_false, unit_interval
+from phi3mlflow.summary import Summary
 
 
 def parse_args(argv=None):
@@ -38,7 +39,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _load_summary(client, eval_run_id: str) -> tuple[dict, Run]:
+def _load_summary(client, eval_run_id: str) -> tuple[Summary, Run]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -49,8 +50,8 @@ def _load_summary(client, eval_run_id: str) -> tuple[dict, Run]:
     if run.info.status != "FINISHED":
         fail("eval_run_id", f"run {eval_run_id} is {run.info.status}, not FINISHED")
     try:
-        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json"), run
-    except (MlflowException, OSError, ValueError):
+        return Summary.from_dict(mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")), run
+    except (MlflowException, OSError, ValueError, KeyError, TypeError):
         fail("eval_run_id", f"run {eval_run_id} has no summary.json: is it an evaluate run?")
 
 
@@ -66,7 +67,7 @@ def main(args) -> dict:
     client = mlflow.MlflowClient()
     summary, eval_run = _load_summary(client, args.eval_run_id)
     choice = registry.choose(summary, args.min_accuracy, args.max_accuracy_drop)
-    name, winner = args.registered_model_name, summary["models"][choice.key]
+    name, winner = args.registered_model_name, summary.models[choice.key]
     print(f"register: candidate {choice.key}: {choice.reason}", flush=True)
 
     with mlflow.start_run():
@@ -80,10 +81,10 @@ def main(args) -> dict:
                 summary,
                 choice.key,
                 args.eval_run_id,
-                registry.source_run_tags(client, winner["model_uri"]),
+                registry.source_run_tags(client, winner.model_uri),
                 eval_run.data.tags.get("mlflow.source.git.commit"),
             )
-            mv = mlflow.register_model(winner["model_uri"], name, tags=tags)
+            mv = mlflow.register_model(winner.model_uri, name, tags=tags)
             version = mv.version
             client.update_model_version(name, version, registry.describe(summary, choice.key, tags, args.eval_run_id))
             print(f"register: registered {winner['model_uri']} as {name} version {version}", flush=True)
@@ -94,7 +95,7 @@ def main(args) -> dict:
         else:
             decision = registry.gate(summary, choice, args.force, holder_tags, holder)
         if decision.move:
-            registry.settle_alias(client, name, args.alias, version, summary["metric"], tags)
+            registry.settle_alias(client, name, args.alias, version, summary.metric, tags)
         champion, _ = registry.alias_tags(client, name, args.alias)
         outcome = f"moved to version {version}" if decision.move else f"not moved (holder: {holder or 'none'})"
         print(f"register: @{args.alias} {outcome}: {decision.reason}", flush=True)

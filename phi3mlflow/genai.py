@@ -71,7 +71,8 @@ def _as_float(v, name):
 
 
 def _as_bool(v, name):
-    if isinstance(v, bool) or type(v).__name__ == "bool_":
+    # numpy's bool (what a DataFrame or JSON-decoded params may hold) is no subclass of bool.
+    if isinstance(v, bool) or type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"):
         return bool(v)
     if isinstance(v, str) and v.lower() in ("true", "false"):
         return v.lower() == "true"

@@ -87,7 +87,7 @@ def main(args) -> dict:
             mv = mlflow.register_model(winner.model_uri, name, tags=tags)
             version = mv.version
             client.update_model_version(name, version, registry.describe(summary, choice.key, tags, args.eval_run_id))
-            print(f"register: registered {winner['model_uri']} as {name} version {version}", flush=True)
+            print(f"register: registered {winner.model_uri} as {name} version {version}", flush=True)
 
         holder, holder_tags = registry.alias_tags(client, name, args.alias)
         if holder == version:

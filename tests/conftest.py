@@ -1,8 +1,14 @@
 """Shared fixtures: a real ``mlflow server`` on a free loopback port, the built-in model cache,
-and a helper that runs entry points through the real ``mlflow run`` CLI."""
+and a helper that runs entry points through the real ``mlflow run`` CLI; and shared helpers:
+``run_step``, ``one_line_error``, ``serving`` (``mlflow models serve``), ``wait_for`` and ``post``.
+
+Every test that uses a server, a model or ``mlflow run`` (or runs a step as a process) is marked
+``slow``: ``pytest -m "not slow"`` is the fast layer."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -10,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -21,10 +28,66 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
+    """Until ``url`` answers; fails with the end of the server's log if ``proc`` exits or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    raise AssertionError(f"server did not come up:\n{log_path.read_text()[-3000:]}")
+
+
+def post(url: str, payload) -> tuple[int, str]:
+    """POST ``payload`` as JSON; the status and body, also for 4xx/5xx answers."""
+    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@contextlib.contextmanager
+def serving(model_uri: str, log_path: Path, env: dict | None = None):
+    """``mlflow models serve`` of ``model_uri`` on a free loopback port; yields its base URL and
+    stops it (by process group) afterwards."""
+    port = free_port()
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ), start_new_session=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(f"{base}/ping", proc, log_path)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a command that refused its input (exit status 2)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, f"exit status {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +115,7 @@ def builtin_dir(model_cache) -> Path:
 def tracking_uri(tmp_path_factory, model_cache):
     """A real tracking server (SQLite backend, local artifacts), stopped by PID at the end."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(

@@ -10,7 +10,8 @@ import pytest
 
 from phi3mlflow import metrics, tiny
 from phi3mlflow.evaluation import choose_best
-from tests.conftest import ROOT, run_step
+from phi3mlflow.summary import Scores
+from tests.conftest import ROOT, one_line_error, run_step
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def _artifact(run_id, path, tmp_path):
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_both_models_score_high_and_every_metric_is_logged(eval_run):
     run = eval_run.run
     assert run.info.status == "FINISHED"
@@ -44,6 +46,7 @@ def test_both_models_score_high_and_every_metric_is_logged(eval_run):
     assert run.data.tags["best"] in ("chat", "onnx")
 
 
+@pytest.mark.slow
 def test_summary_table_plot_and_dataset_are_recorded(eval_run, chat_run, tmp_path):
     run = eval_run.run
     summary = json.load(open(_artifact(run.info.run_id, "summary.json", tmp_path)))
@@ -71,6 +74,7 @@ def test_summary_table_plot_and_dataset_are_recorded(eval_run, chat_run, tmp_pat
     assert [t.value for t in inputs["questions"].tags] == ["evaluation"]
 
 
+@pytest.mark.slow
 def test_custom_csv_with_other_columns_and_one_model(mlflow_run, int4_run, tmp_path):
     csv = tmp_path / "mine.csv"
     csv.write_text("q,gold\nWhat is the capital of Italy?,Rome\nWhat is the chemical symbol for iron?,Fe\n")
@@ -104,6 +108,7 @@ def bad_files(tmp_path):
     return {"empty": empty, "header": header_only, "cols": wrong_cols, "missing": tmp_path / "nope.jsonl"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case,param",
     [
@@ -131,12 +136,12 @@ def test_bad_input_fails_before_any_model_loads(case, param, bad_files, int4_run
     elif case == "metric":
         args["--select_metric"] = "vibes"
     proc = run_step("evaluate", *[x for kv in args.items() for x in kv], timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and param in lines[0], proc.stderr
+    line = one_line_error(proc)
+    assert param in line, line
     assert "evaluate: onnx model" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_question_beyond_a_models_context_fails_before_any_answer(chat_run, int4_run, tmp_path):
     data = tmp_path / "long.csv"
     data.write_text("question,answer\nWhat is the capital of Spain?,Madrid\n" + "why " * 400 + "?,because\n")
@@ -155,6 +160,7 @@ def test_a_question_beyond_a_models_context_fails_before_any_answer(chat_run, in
     assert "evaluate: chat model" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_failure_inside_the_steps_run_is_recorded_on_it(mlflow_run, tmp_path):
     # A model whose per-request cap is below what evaluate asks for fails while answering, inside
     # the evaluate run; the cause must be on that run, not only in a traceback.
@@ -168,10 +174,12 @@ def test_a_failure_inside_the_steps_run_is_recorded_on_it(mlflow_run, tmp_path):
 
 
 def test_choose_best_breaks_ties_by_latency_and_knows_lower_is_better():
-    a = {"accuracy": 1.0, "latency_p50_ms": 30.0, "tokens_per_s": 10.0}
-    b = {"accuracy": 1.0, "latency_p50_ms": 5.0, "tokens_per_s": 10.0}
+    def scores(accuracy, p50):
+        return Scores("models:/m-x", accuracy, accuracy, accuracy, p50, p50, 10.0)
+
+    a, b = scores(1.0, 30.0), scores(1.0, 5.0)
     assert choose_best({"chat": a, "onnx": b}, "accuracy") == "onnx"
-    assert choose_best({"chat": {**a, "accuracy": 1.0}, "onnx": {**b, "accuracy": 0.5}}, "accuracy") == "chat"
+    assert choose_best({"chat": a, "onnx": scores(0.5, 5.0)}, "accuracy") == "chat"
     assert choose_best({"chat": b, "onnx": a}, "latency_p50_ms") == "chat"
 
 
@@ -190,6 +198,7 @@ def _answers(run_id, tmp_path):
     return [{k: v for k, v in zip(cols, row, strict=True) if k.endswith("_answer")} for row in table["data"]]
 
 
+@pytest.mark.slow
 def test_spark_engine_gives_the_local_engines_answers_and_metrics(mlflow_run, eval_run, chat_run, int4_run, tmp_path):
     spark = mlflow_run(
         "evaluate",
@@ -215,6 +224,7 @@ def test_spark_engine_gives_the_local_engines_answers_and_metrics(mlflow_run, ev
     assert m["agreement"] == lm["agreement"] and run.data.tags["best"] in ("chat", "onnx")
 
 
+@pytest.mark.slow
 def test_spark_udf_still_cannot_feed_the_chat_model(chat_run):
     """Why the chat model is scored with mapInPandas: if an MLflow upgrade makes this pass, use spark_udf."""
     import pandas as pd
@@ -239,6 +249,7 @@ def test_spark_udf_still_cannot_feed_the_chat_model(chat_run):
         spark.stop()
 
 
+@pytest.mark.slow
 def test_spark_engine_without_java_fails_before_any_model_loads(int4_run, tmp_path):
     env_path = tmp_path / "bin"
     env_path.mkdir()
@@ -248,6 +259,5 @@ def test_spark_engine_without_java_fails_before_any_model_loads(int4_run, tmp_pa
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k != "JAVA_HOME"} | {"PATH": str(env_path)},
     )  # fmt: skip
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: engine:") and "Java" in lines[0], proc.stderr
+    line = one_line_error(proc)
+    assert line.startswith("error: engine:") and "Java" in line, line

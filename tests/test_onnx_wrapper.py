@@ -6,8 +6,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import mlflow
 import pandas as pd
@@ -15,7 +13,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from phi3mlflow import tiny
-from tests.conftest import _free_port, run_step
+from tests.conftest import one_line_error, post, run_step, serving
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +167,8 @@ def test_prebuilt_onnx_model_dir_skips_the_export(mlflow_run, onnx_fp32_dir):
     ],
 )
 def test_bad_step_input_fails_fast_naming_the_parameter(flag, value):
-    proc = run_step("onnx_wrapper", flag, value, timeout=60)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and flag in lines[0], proc.stderr
+    line = one_line_error(run_step("onnx_wrapper", flag, value, timeout=60))
+    assert flag in line, line
 
 
 def test_builder_failure_is_reported_clearly(tmp_path, model_cache):
@@ -185,57 +183,21 @@ def test_builder_failure_is_reported_clearly(tmp_path, model_cache):
 
 
 def test_models_serve_answers_good_requests_and_400s_bad_ones(int4_run, tmp_path):
-    port = _free_port()
     env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", int4_run.run.data.tags["model_uri"],
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_for(f"{base}/ping", proc, tmp_path / "serve.log")
-        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Japan?"]}})
+    with serving(int4_run.run.data.tags["model_uri"], tmp_path / "serve.log", env) as base:
+        status, body = post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Japan?"]}})
         assert status == 200, body
         assert json.loads(body)["predictions"] == ["The capital of Japan is Tokyo."]
-        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": [""]}})
+        status, body = post(f"{base}/invocations", {"inputs": {"prompt": [""]}})
         assert status == 400 and "prompt" in body
-        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": ["Hi"]}, "params": {"top_p": 7.0}})
+        status, body = post(f"{base}/invocations", {"inputs": {"prompt": ["Hi"]}, "params": {"top_p": 7.0}})
         assert status == 400 and "top_p" in body
         # One request may not hold the server: 10,000 prompts are refused at once, naming the cap.
         start = time.time()
-        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Chile?"] * 10_000}})
+        status, body = post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Chile?"] * 10_000}})
         assert status == 400 and "max_prompts_per_request" in body and time.time() - start < 30
-        status, body = _post(
-            f"{base}/invocations", {"inputs": {"prompt": ["Hi"] * 8}, "params": {"max_new_tokens": 600}}
-        )
+        big = {"inputs": {"prompt": ["Hi"] * 8}, "params": {"max_new_tokens": 600}}
+        status, body = post(f"{base}/invocations", big)
         assert status == 400 and "max_total_new_tokens" in body
-        status, _ = _post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Chile?"]}})
+        status, _ = post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Chile?"]}})
         assert status == 200  # still serving after bad requests
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-        log.close()
-
-
-def _wait_for(url, proc, log_path, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.5)
-    raise AssertionError(f"server did not come up:\n{log_path.read_text()[-3000:]}")
-
-
-def _post(url, payload):
-    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()

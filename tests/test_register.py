@@ -8,8 +8,9 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from tests.conftest import ROOT, _free_port, run_step
-from tests.test_onnx_wrapper import _post, _wait_for
+from tests.conftest import ROOT, one_line_error, post, run_step, serving
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,15 @@ def good_eval(evaluate_onnx):
 def poor_eval(evaluate_onnx):
     # Three tokens cannot hold "Rome" after "The capital of": accuracy 0.
     return evaluate_onnx(max_new_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def weaker_eval(evaluate_onnx, small_csv):
+    """The same model on small.csv plus a question it cannot answer: accuracy 2/3, below good_eval's
+    1.0 but above a min_accuracy of 0.5, so both pass the gate and only the comparison separates them."""
+    path = small_csv.parent / "weaker.csv"
+    path.write_text(small_csv.read_text() + "What is the capital of Atlantis?,Poseidonia\n")
+    return evaluate_onnx(dataset=str(path))
 
 
 def _register(mlflow_run, eval_run_id, name, **params):
@@ -89,27 +99,34 @@ def test_a_worse_winner_than_the_current_champion_does_not_take_the_alias(mlflow
     assert "worse" in result.run.data.tags["alias_reason"]
 
 
-def test_parallel_registrations_give_distinct_versions_and_one_consistent_alias(good_eval, poor_eval, tracking_uri):
-    evals = [good_eval, poor_eval]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "steps.register", "--eval_run_id", e, "--registered_model_name", "reg-parallel"],
-            cwd=ROOT,
-            env=dict(os.environ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for e in evals
-    ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    versions = _versions("reg-parallel")
-    assert sorted(v.version for v in versions) == ["1", "2"]
-    assert sorted(v.tags["source_eval_run"] for v in versions) == sorted(evals)
-    # Whichever finished first, only the evaluation that passes the gate may hold the alias.
-    holder = mlflow.MlflowClient().get_model_version_by_alias("reg-parallel", "champion")
-    assert holder.tags["source_eval_run"] == good_eval
+def _start_register(eval_run_id: str, name: str, *args: str) -> subprocess.Popen:
+    """``python -m steps.register`` started, not waited for."""
+    cmd = [sys.executable, "-m", "steps.register", "--eval_run_id", eval_run_id, "--registered_model_name", name, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+
+
+def test_parallel_registrations_give_distinct_versions_and_one_consistent_alias(good_eval, weaker_eval, tracking_uri):
+    client = mlflow.MlflowClient()
+    weaker = float(client.get_run(weaker_eval).data.metrics["onnx_accuracy"])
+    assert 0.5 <= weaker < float(client.get_run(good_eval).data.metrics["onnx_accuracy"])
+    # Both evaluations pass the gate (min_accuracy 0.5), so both registrations may move the alias: when
+    # they race, the better one must take it back if the weaker one wrote last. Two models, each pair
+    # started together, in both launch orders.
+    launches = {"reg-parallel-a": [good_eval, weaker_eval], "reg-parallel-b": [weaker_eval, good_eval]}
+    procs = {
+        (name, e): _start_register(e, name, "--min_accuracy", "0.5") for name, evals in launches.items() for e in evals
+    }
+    outs = {key: p.communicate(timeout=300)[0] for key, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), outs
+    for name in launches:
+        versions = _versions(name)
+        assert sorted(v.version for v in versions) == ["1", "2"]
+        assert sorted(v.tags["source_eval_run"] for v in versions) == sorted([good_eval, weaker_eval])
+        assert "moved to version" in outs[(name, good_eval)], outs[(name, good_eval)]
+        # Whichever finished first, the better evaluation holds the alias.
+        holder = client.get_model_version_by_alias(name, "champion")
+        assert holder.tags["source_eval_run"] == good_eval, outs
 
 
 @pytest.mark.parametrize("name", ["it's chat", 'the "chat" model', "ünïcode chät", "both ' and \" quotes"])
@@ -140,29 +157,14 @@ def test_odd_names_register_each_evaluation_once(good_eval, tracking_uri, name):
 def test_bad_input_fails_with_one_line(args, param, env, tracking_uri, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    proc = run_step("register", *args, timeout=60)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and param in lines[0], proc.stderr
+    line = one_line_error(run_step("register", *args, timeout=60))
+    assert param in line, line
 
 
 def test_serving_the_champion_answers_and_rejects_malformed_requests(mlflow_run, good_eval, tmp_path):
     _register(mlflow_run, good_eval, "reg-serve")
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/reg-serve@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True,
-    )  # fmt: skip
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_for(f"{base}/ping", proc, tmp_path / "serve.log")
-        status, body = _post(f"{base}/invocations", {"inputs": {"question": ["What is the capital of Spain?"]}})
+    with serving("models:/reg-serve@champion", tmp_path / "serve.log") as base:
+        status, body = post(f"{base}/invocations", {"inputs": {"question": ["What is the capital of Spain?"]}})
         assert 400 <= status < 500 and "prompt" in body
-        status, body = _post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Spain?"]}})
+        status, body = post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Spain?"]}})
         assert status == 200 and "Madrid" in body
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-        log.close()

@@ -3,6 +3,8 @@
 import hashlib
 import json
 
+import pytest
+
 from phi3mlflow import tiny
 from phi3mlflow.cache import MARKER
 
@@ -12,6 +14,7 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MARKER}
 
 
+@pytest.mark.slow
 def test_rebuild_is_byte_identical(builtin_dir, tmp_path):
     rebuilt = tiny.build(tmp_path / "again")
     assert _digest(rebuilt) == _digest(builtin_dir)
@@ -25,6 +28,7 @@ def test_cache_key_follows_the_training_data(monkeypatch, tmp_path):
     assert tiny.cache_key() != before
 
 
+@pytest.mark.slow
 def test_config_shape(builtin_dir):
     config = json.loads((builtin_dir / "config.json").read_text())
     assert config["architectures"] == ["Phi3ForCausalLM"]
@@ -41,6 +45,7 @@ def test_config_shape(builtin_dir):
     assert 200_000 < n < 1_000_000
 
 
+@pytest.mark.slow
 def test_greedy_transformers_answers_every_bundled_question(builtin_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,6 +68,7 @@ def test_greedy_transformers_answers_every_bundled_question(builtin_dir):
     assert len(rows) >= 90 and not wrong
 
 
+@pytest.mark.slow
 def test_both_tokenizers_agree_on_ids_and_chat_template(onnx_fp32_dir, builtin_dir):
     import onnxruntime_genai as og
     from transformers import AutoTokenizer

@@ -2,12 +2,15 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 from phi3mlflow import cache, metrics, registry
 from phi3mlflow.errors import InputError
 from phi3mlflow.evaluation import load_dataset
+from phi3mlflow.summary import Scores, Summary
 
 
 @pytest.mark.parametrize(
@@ -95,12 +98,14 @@ def test_filter_literals_are_quoted_by_what_they_contain():
     assert registry.quoted('it\'s "x"') is None
 
 
-def _summary(chat_acc, onnx_acc, chat_p50=50.0, onnx_p50=10.0, metric="accuracy"):
-    models = {
-        "chat": {"accuracy": chat_acc, "latency_p50_ms": chat_p50, "tokens_per_s": 10.0},
-        "onnx": {"accuracy": onnx_acc, "latency_p50_ms": onnx_p50, "tokens_per_s": 100.0},
-    }
-    return {"metric": metric, "reference": "chat", "models": models}
+def _scores(accuracy, p50, tokens_per_s, **extra) -> Scores:
+    return Scores(model_uri="models:/m-x", accuracy=accuracy, exact_match=accuracy, f1=accuracy, latency_p50_ms=p50,
+                  latency_p95_ms=p50, tokens_per_s=tokens_per_s, **extra)  # fmt: skip
+
+
+def _summary(chat_acc, onnx_acc, chat_p50=50.0, onnx_p50=10.0, metric="accuracy") -> Summary:
+    models = {"chat": _scores(chat_acc, chat_p50, 10.0), "onnx": _scores(onnx_acc, onnx_p50, 100.0)}
+    return Summary(metric, "onnx", "chat", None, models)
 
 
 def test_choose_takes_the_best_candidate_that_meets_both_goals():
@@ -135,6 +140,140 @@ def test_a_failing_choice_never_moves_the_alias_without_force():
     choice = registry.choose(summary, 0.5, 0.02)
     assert not registry.gate(summary, choice, False, None).move
     assert registry.gate(summary, choice, True, None).move
+
+
+def test_a_lower_is_better_metric_ranks_and_gates_the_other_way():
+    summary = _summary(0.9, 0.9, chat_p50=50.0, onnx_p50=10.0, metric="latency_p50_ms")
+    assert registry.ranked(summary) == ["onnx", "chat"]
+    choice = registry.choose(summary, 0.5, 0.02)
+    assert choice.key == "onnx" and choice.passes
+    assert registry.gate(summary, choice, False, {"metric.latency_p50_ms": "20"}, "1").move  # 10 ms beats 20
+    assert not registry.gate(summary, choice, False, {"metric.latency_p50_ms": "5"}, "1").move
+
+
+def test_the_accuracy_goals_hold_at_their_bounds_and_without_a_reference():
+    # Exactly min_accuracy, and exactly max_accuracy_drop (0.9 - 0.88 is 0.0200...02 in floating point), pass.
+    assert registry.goals_failed(_summary(0.9, 0.88), "onnx", 0.88, 0.02) is None
+    assert "max_accuracy_drop" in registry.goals_failed(_summary(0.9, 0.87), "onnx", 0.5, 0.02)
+    assert "min_accuracy" in registry.goals_failed(_summary(0.9, 0.87), "onnx", 0.875, 1.0)
+    # The reference is never measured against itself, and one evaluated model has no reference to lose to.
+    assert registry.goals_failed(_summary(0.9, 0.5), "chat", 0.5, 0.0) is None
+    alone = Summary("accuracy", "onnx", None, None, {"onnx": _scores(0.6, 10.0, 100.0)})
+    assert registry.choose(alone, 0.5, 0.0).key == "onnx" and registry.choose(alone, 0.5, 0.0).passes
+
+
+def test_a_tie_against_a_holder_without_a_latency_stays_and_names_the_holder():
+    summary = _summary(0.9, 0.9)
+    choice = registry.choose(summary, 0.5, 0.02)
+    decision = registry.gate(summary, choice, False, {"metric.accuracy": "0.9"}, "7")
+    assert not decision.move and "tie" in decision.reason and "version 7" in decision.reason
+    decision = registry.gate(summary, choice, False, {"metric.accuracy": "0.8"})
+    assert decision.move and "the current version" in decision.reason
+
+
+class _Registry:
+    """An in-memory alias for settle_alias. ``rival`` writes its version right after each of our next
+    ``rival_writes`` writes, as a concurrent registration that read the alias before our write does."""
+
+    def __init__(self, tags: dict, rival: str | None = None, rival_writes: int = 1):
+        self.tags, self.rival, self.rival_writes = tags, rival, rival_writes
+        self.holder, self.writes = None, []
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.writes.append(version)
+        self.holder = version
+        if self.rival and self.rival_writes:
+            self.holder, self.rival_writes = self.rival, self.rival_writes - 1
+
+    def get_model_version_by_alias(self, name, alias):
+        from mlflow.exceptions import MlflowException
+
+        if self.holder is None:
+            raise MlflowException("no such alias")
+        return SimpleNamespace(version=self.holder, tags=self.tags[self.holder])
+
+
+@pytest.mark.parametrize(
+    "metric,ours,theirs,rival_writes,holder,writes",
+    [
+        ("accuracy", "0.9", "0.5", 0, "2", 1),  # no race: one write
+        ("accuracy", "0.9", "0.5", 1, "2", 2),  # a worse rival wrote last: ours takes the alias back
+        ("accuracy", "0.9", "0.5", 99, "1", 6),  # a rival that never stops: bounded rounds, then leave it
+        ("accuracy", "0.9", "1.0", 1, "1", 1),  # a better rival keeps it
+        ("accuracy", "0.9", "0.9", 1, "1", 1),  # an equal one too: only a strict improvement takes back
+        ("accuracy", "0.9", None, 1, "1", 1),  # a rival that records no metric is left alone
+        ("latency_p50_ms", "10", "20", 1, "2", 2),  # lower is better: 10 ms takes back from 20 ms
+        ("latency_p50_ms", "30", "20", 1, "1", 1),
+    ],
+)
+def test_settle_alias_takes_the_alias_back_only_from_a_worse_concurrent_writer(
+    monkeypatch, metric, ours, theirs, rival_writes, holder, writes
+):
+    monkeypatch.setattr(registry.time, "sleep", lambda s: None)
+    tags = {"2": {f"metric.{metric}": ours}, "1": {} if theirs is None else {f"metric.{metric}": theirs}}
+    client = _Registry(tags, rival="1", rival_writes=rival_writes)
+    registry.settle_alias(client, "m", "champion", "2", metric, tags["2"])
+    assert client.holder == holder and client.writes == ["2"] * writes
+
+
+def test_settle_alias_stops_when_the_alias_is_gone(monkeypatch):
+    monkeypatch.setattr(registry.time, "sleep", lambda s: None)
+    client = _Registry({"2": {"metric.accuracy": "0.9"}})
+    client.get_model_version_by_alias = lambda name, alias: (_ for _ in ()).throw(MlflowException("deleted"))
+    registry.settle_alias(client, "m", "champion", "2", "accuracy", client.tags["2"])
+    assert client.writes == ["2"]
+
+
+def test_version_tags_record_the_winner_its_metrics_and_provenance():
+    summary = _summary(0.9, 0.85)
+    summary.models["onnx"].exact_match = 0.123456789
+    tags = registry.version_tags(summary, "onnx", "run1", {"precision": "int4", "source_model": "m"}, "abc")
+    assert tags == {"source_eval_run": "run1", "wrapper": "onnx", "precision": "int4", "source_model": "m",
+                    "selected_metric": "accuracy", "metric.accuracy": "0.85", "metric.exact_match": "0.123457",
+                    "metric.f1": "0.85", "metric.latency_p50_ms": "10", "metric.latency_p95_ms": "10",
+                    "metric.tokens_per_s": "100", "git_commit": "abc"}  # fmt: skip
+    assert registry.version_tags(summary, "chat", "r", {}, None)["precision"] == "fp32"
+    assert registry.version_tags(summary, "onnx", "r", {}, None)["precision"] == "unknown"
+    assert "git_commit" not in registry.version_tags(summary, "onnx", "r", {}, None)
+
+
+class _Versions:
+    """search_model_versions over a fixed list; records the filters it was given."""
+
+    def __init__(self, versions, error=None):
+        self.versions, self.error, self.filters = versions, error, []
+
+    def search_model_versions(self, filter_string):
+        self.filters.append(filter_string)
+        if self.error:
+            raise self.error
+        return self.versions
+
+
+def test_find_version_filters_by_name_when_it_can_and_takes_the_newest():
+    found = [SimpleNamespace(name=n, version=v) for n, v in [("a", "9"), ("a", "10"), ("b", "11")]]
+    client = _Versions(found)
+    assert registry.find_version(client, "a", "run1").version == "10"  # numeric, not text, order
+    assert client.filters == ["name = 'a' and tag.source_eval_run = 'run1'"]
+    # A name with both kinds of quote has no filter literal: filter on the tag, then by name here.
+    odd = 'it\'s "b"'
+    client = _Versions([*found, SimpleNamespace(name=odd, version="3")])
+    assert registry.find_version(client, odd, "run1").version == "3"
+    assert client.filters == ["tag.source_eval_run = 'run1'"]
+    assert registry.find_version(_Versions([]), "a", "run1") is None
+    assert registry.find_version(_Versions(found, MlflowException("down")), "a", "run1") is None
+
+
+def test_source_run_tags_follow_a_runs_uri_and_give_nothing_otherwise():
+    class Client:
+        def get_run(self, run_id):
+            if run_id != "r1":
+                raise MlflowException(f"no run {run_id}")
+            return SimpleNamespace(data=SimpleNamespace(tags={"precision": "int4"}))
+
+    assert registry.source_run_tags(Client(), "runs:/r1/model") == {"precision": "int4"}
+    assert registry.source_run_tags(Client(), "runs:/r2/model") == {}
+    assert registry.source_run_tags(Client(), "/some/folder") == {}
 
 
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys):

@@ -93,9 +93,8 @@ def main(args) -> dict:
         if args.peer:
             return peer_main(args, setup, Path(tmp))
         results = {}
-        # A wrapper's cost is ~1% of a call, far below what a shared 2-core machine's noise does to
-        # a 7-pair median (an A/A comparison spans 0.9-1.15): the overhead figures take 3x the pairs
-        # and come with that A/A noise floor.
+        # A wrapper's cost is far below what a shared machine's noise does to a 7-pair median
+        # (bench/README.md): the overhead figures take 3x the pairs and come with an A/A noise floor.
         overhead_pairs = args.pairs if args.quick else args.pairs * 3
         for name, run in (
             ("onnx_overhead_fp32", lambda: fig.onnx_overhead(setup, "fp32", overhead_pairs)),

@@ -92,12 +92,12 @@ def run_main(main, parse_args) -> None:
     SIGTERM and SIGINT raise Cancelled: the step's run ends KILLED with the cause tagged, and a
     child step that main is waiting for is cancelled too (mlflow.run does that on KeyboardInterrupt).
 
-    Every step process imports MLflow (~280k objects with its SQL store), and the cyclic garbage
-    collector walks that heap again and again while it grows and twice more at interpreter exit:
-    ~0.35 s + ~0.4 s per process on a 2-core machine, which is most of what a fully cached re-run
-    of the chain costs beyond MLflow's own CLI. The import runs with the collector paused and its
-    objects are then frozen out of every later collection (they live as long as the process); at
-    exit everything is frozen, as the OS frees it anyway. atexit handlers still run.
+    Every step process imports MLflow (a heap of a few hundred thousand objects with its SQL
+    store), and the cyclic garbage collector walks that heap again and again while it grows and
+    twice more at interpreter exit, a large share of a fully cached re-run (bench/README.md has
+    the measurements). The import runs with the collector paused and its objects are then frozen
+    out of every later collection (they live as long as the process); at exit everything is
+    frozen, as the OS frees it anyway. atexit handlers still run.
     """
     signal.signal(signal.SIGTERM, _raise_cancelled)
     signal.signal(signal.SIGINT, _raise_cancelled)

@@ -58,21 +58,11 @@ def parse_args(argv=None):
 
 
 def signature(max_new_tokens: int, temperature: float):
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    """A prompt column in, one string out, and the generation params with the logged defaults."""
+    from mlflow.models import infer_signature
 
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]),
-        outputs=Schema([ColSpec("string")]),
-        params=ParamSchema(
-            [
-                ParamSpec("max_new_tokens", "long", max_new_tokens),
-                ParamSpec("temperature", "double", temperature),
-                ParamSpec("top_p", "double", 1.0),
-                ParamSpec("do_sample", "boolean", temperature > 0),
-            ]
-        ),
-    )
+    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "do_sample": temperature > 0}
+    return infer_signature(INPUT_EXAMPLE, ["The capital of Spain is Madrid."], params=params)
 
 
 def main(args) -> str:

@@ -52,6 +52,8 @@ def record_failure(message: str, status: str | None = None, keep_existing: bool 
         client = MlflowClient()
         if not (keep_existing and ERROR_TAG in client.get_run(run_id).data.tags):
             client.set_tag(run_id, ERROR_TAG, message[:1000])
+            # The run's description in the MLflow UI.
+            client.set_tag(run_id, "mlflow.note.content", f"Failed: {message[:1000]}")
         if status:
             client.set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - reporting must never hide the original error

@@ -156,14 +156,26 @@ def version_tags(summary: Summary, key: str, eval_run_id: str, source_tags: dict
     return tags
 
 
-def describe(summary: Summary, key: str, tags: dict, eval_run_id: str) -> str:
+def describe(summary: Summary, key: str, tags: dict, eval_run_id: str, name: str, version: str) -> str:
+    """The version's description: what it is, how to call it, then where it came from and how it scored."""
     best = summary.models[key]
-    what = {
-        "chat": "transformers text-generation pipeline, OpenAI chat schema ({'messages': [...]} in)",
-        "onnx": f"ONNX Runtime GenAI pyfunc, {tags['precision']} ({{'prompt': ...}} in, text out)",
-    }[key]
+    uri = f"models:/{name}/{version}"
+    if key == "chat":
+        lead = (
+            "Transformers chat pipeline (llm/v1/chat): OpenAI chat requests in, chat.completion out. "
+            f"""Call: mlflow.pyfunc.load_model("{uri}")"""
+            """.predict({"messages": [{"role": "user", "content": "Hi"}]})."""
+        )
+    else:
+        lead = (
+            f"ONNX Runtime GenAI pyfunc, {tags['precision']}: prompts in, one answer each. "
+            f"""Call: mlflow.pyfunc.load_model("{uri}").predict({{"prompt": ["Hi"]}})."""
+        )
+    source = tags["source_model"]
+    if source.startswith(("/", "~", ".")) or source.startswith("gguf:"):
+        source = source.rstrip("/").rsplit("/", 1)[-1]  # a local path says nothing to others
     return (
-        f"{tags['source_model']} as a {what}. Won evaluation run {eval_run_id} on {summary.metric}: "
+        f"{lead} Model: {source}. Won evaluation run {eval_run_id} on {summary.metric}: "
         f"accuracy {best.accuracy:.3f}, exact match {best.exact_match:.3f}, "
         f"p50 latency {best.latency_p50_ms:.1f} ms, {best.tokens_per_s:.0f} tokens/s."
     )

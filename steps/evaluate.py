@@ -51,6 +51,7 @@ def main(args) -> Summary:
     from mlflow.data.pandas_dataset import from_pandas
 
     from phi3mlflow import evaluation as ev
+    from phi3mlflow import report
     from phi3mlflow.errors import InputError
     from phi3mlflow.metrics import agreement, mlflow_metrics
     from phi3mlflow.tracking import log_params_once
@@ -116,6 +117,7 @@ def main(args) -> Summary:
         mlflow.log_dict(result.to_dict(), "summary.json")
         mlflow.log_figure(ev.plot(models), "comparison.png")
         mlflow.set_tag("best", result.best)
+        report.name_and_note("evaluate", f"{report.verdict(result)}.")
     for key, m in models.items():
         shown = {k: v for k, v in asdict(m).items() if k != "model_uri" and v is not None}
         print(f"evaluate: {key}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))

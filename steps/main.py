@@ -99,12 +99,15 @@ def step_params(name: str, values: dict, upstream: dict | None = None) -> dict:
 def main(args) -> dict:
     import mlflow
 
-    from phi3mlflow import registry, tags
+    from phi3mlflow import registry, report, tags
     from phi3mlflow.chain import Chain, StepFailed
     from phi3mlflow.cli import Cancelled
+    from phi3mlflow.summary import Summary
 
     values = plan(args)
     with mlflow.start_run() as parent:
+        overrides = {k: getattr(args, k) for k in OVERRIDES}
+        report.name_and_note(report.main_run_name(args.params_file, overrides), "The chain is running.")
         mlflow.log_params({f"effective.{k}": values[k] for k in PROFILE_KEYS})
         # mlflow run tags the run with the env manager it built (virtualenv, uv, conda); none means local.
         # Children get the same one: nested mlflow.run calls do not inherit it by themselves.
@@ -119,15 +122,17 @@ def main(args) -> dict:
             up["chat"] = client.get_run(chat.run_id).data.tags[tags.MODEL_URI]
             up["onnx"] = client.get_run(onnx.run_id).data.tags[tags.MODEL_URI]
             step = "evaluate"
-            up["eval"] = chain.run(step, step_params(step, values, up)).run_id
+            evaluated = chain.run(step, step_params(step, values, up))
+            up["eval"] = evaluated.run_id
             step = "register"
             # The registry is shared state: registering is never replayed from an earlier run.
             reg = chain.run(step, step_params(step, values, up), cacheable=False)
         except StepFailed as e:
-            mlflow.set_tag(tags.ERROR, str(e)[:1000])
+            mlflow.set_tags({tags.ERROR: str(e)[:1000], report.NOTE: f"Failed: {e}"})
             fail("main", str(e))
         except Cancelled as e:
-            mlflow.set_tag(tags.ERROR, f"{e} during {step}; nothing was registered after it")
+            cause = f"{e} during {step}; nothing was registered after it"
+            mlflow.set_tags({tags.ERROR: cause, report.NOTE: f"Cancelled: {cause}"})
             raise
         eval_run, reg_run = client.get_run(up["eval"]), client.get_run(reg.run_id)
         mlflow.log_metrics(eval_run.data.metrics)
@@ -136,14 +141,24 @@ def main(args) -> dict:
         # What the registry says now, not what the step believed: another job may have moved it since.
         champion, _ = registry.alias_tags(client, values["registered_model_name"], values["alias"])
         outcome[tags.CHAMPION_VERSION] = champion or ""
-        mlflow.set_tags({**outcome, "best": outcome["winner"]})
-    name, alias = outcome["registered_model"], values["alias"]
-    moved = "moved to it" if outcome["alias_moved"] == "true" else "not moved"
-    print(
-        f"main: done: {outcome['winner']} registered as {name} version {outcome['registered_version']}; "
-        f"@{alias} {moved} ({outcome['alias_reason']}); @{alias} is version {champion or 'unset'}",
-        flush=True,
-    )
+        summary = Summary.from_dict(mlflow.artifacts.load_dict(f"{eval_run.info.artifact_uri}/summary.json"))
+        ran = [f"{r.name} {'reused' if r.reused else 'ran'}" for r in (chat, onnx, evaluated)]
+        name, alias = outcome["registered_model"], values["alias"]
+        moved = "moved to it" if outcome["alias_moved"] == "true" else "not moved"
+        done = (
+            f"{outcome['winner']} registered as {name} version {outcome['registered_version']}; "
+            f"@{alias} {moved} ({outcome['alias_reason']}); @{alias} is version {champion or 'unset'}"
+        )
+        note = f"{', '.join(ran)}, register ran. {report.verdict(summary)}. "
+        mlflow.set_tags({**outcome, "best": outcome["winner"], report.NOTE: note + done})
+        champion_wrapper = registry.alias_tags(client, name, alias)[1] or {}
+        look = report.where_to_look(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id)
+    print(f"main: evaluation: {report.verdict(summary)}", flush=True)
+    if champion:
+        for line in report.call_command(name, alias, champion_wrapper.get("wrapper", outcome["winner"])):
+            print(f"main: call @{alias}: {line}", flush=True)
+    print(f"main: look: {look}", flush=True)
+    print(f"main: done: {done}", flush=True)
     return outcome
 
 

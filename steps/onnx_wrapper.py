@@ -68,6 +68,7 @@ def signature(max_new_tokens: int, temperature: float):
 def main(args) -> str:
     import mlflow
 
+    from phi3mlflow import report
     from phi3mlflow.genai import GenAIChat, SearchOptions
     from phi3mlflow.onnx_export import export
     from phi3mlflow.tracking import log_params_once, pinned
@@ -85,7 +86,7 @@ def main(args) -> str:
     with mlflow.start_run():
         log_params_once(vars(args))
         info = mlflow.pyfunc.log_model(
-            name="onnx_model",
+            name=f"onnx_{precision}",
             python_model=str(PACKAGE_DIR / "onnx_pyfunc.py"),
             artifacts={"onnx_model": str(folder)},
             code_paths=[str(PACKAGE_DIR)],
@@ -109,6 +110,8 @@ def main(args) -> str:
                 "source_model": args.onnx_model_dir or args.model,
             }
         )
+        source = "a prebuilt ORT GenAI folder" if args.onnx_model_dir else f"{args.model} exported at {precision}"
+        report.name_and_note(f"onnx_wrapper {precision}", f"Logged {source} as an ONNX pyfunc: {info.model_uri}.")
     print(f"onnx_wrapper: logged {info.model_uri}", flush=True)
     return info.model_uri
 

@@ -48,6 +48,7 @@ def main(args) -> str:
     import mlflow
     import transformers
 
+    from phi3mlflow import report
     from phi3mlflow.tracking import log_params_once, pinned
 
     source = resolve_model_dir(args.model)
@@ -64,7 +65,7 @@ def main(args) -> str:
         log_params_once(vars(args))
         info = mlflow.transformers.log_model(
             transformers_model=pipe,
-            name="chat_model",
+            name="chat_transformers",
             task="llm/v1/chat",
             model_config=generation_config(args.serve_max_new_tokens, args.temperature),
             input_example=INPUT_EXAMPLE,
@@ -72,6 +73,9 @@ def main(args) -> str:
             pip_requirements=pinned("mlflow", "torch", "transformers", "tokenizers"),
         )
         mlflow.set_tags({"model_uri": info.model_uri, "wrapper": "chat", "source_model": args.model})
+        report.name_and_note(
+            "pipeline_wrapper", f"Logged {args.model} as a transformers chat model (llm/v1/chat): {info.model_uri}."
+        )
     print(f"pipeline_wrapper: logged {info.model_uri}", flush=True)
     return info.model_uri
 

@@ -58,7 +58,7 @@ def _load_summary(client, eval_run_id: str) -> tuple[Summary, Run]:
 def main(args) -> dict:
     import mlflow
 
-    from phi3mlflow import registry
+    from phi3mlflow import registry, report
     from phi3mlflow.tracking import log_params_once
 
     registry.check_names(args.registered_model_name, args.alias, mlflow.get_registry_uri())
@@ -86,7 +86,9 @@ def main(args) -> dict:
             )
             mv = mlflow.register_model(winner.model_uri, name, tags=tags)
             version = mv.version
-            client.update_model_version(name, version, registry.describe(summary, choice.key, tags, args.eval_run_id))
+            client.update_model_version(
+                name, version, registry.describe(summary, choice.key, tags, args.eval_run_id, name, version)
+            )
             print(f"register: registered {winner.model_uri} as {name} version {version}", flush=True)
 
         holder, holder_tags = registry.alias_tags(client, name, args.alias)
@@ -109,6 +111,8 @@ def main(args) -> dict:
                 "champion_version": champion or "",
             }
         )
+        report.name_and_note("register", f"{choice.key} is version {version} of {name}; @{args.alias} {outcome}: "
+                                         f"{decision.reason}.")  # fmt: skip
     return {"version": version, "alias_moved": decision.move, "reason": decision.reason}
 
 

@@ -75,6 +75,21 @@ def test_chain_nests_four_children_and_registers_the_winner(first):
     assert holder.version == version == parent.data.tags["champion_version"]
     done = [line for line in first.output.splitlines() if line.startswith("main: done")][-1]
     assert f"@champion is version {version}" in done
+    # What a user sees last: who won and why, how to call it, where to look.
+    assert "main: evaluation: " in first.output and "main: look: http://127.0.0.1:" in first.output
+    assert 'main: call @champion: mlflow models serve -m "models:/main-chat@champion"' in first.output
+    # The UI tells the story: runs named after what they are, each with a one-sentence description.
+    assert parent.data.tags["mlflow.runName"] == "main test"
+    assert (
+        "pipeline_wrapper ran, onnx_wrapper ran, evaluate ran, register ran" in parent.data.tags["mlflow.note.content"]
+    )
+    names = {s: c.data.tags["mlflow.runName"] for s, c in children.items()}
+    assert names == {"pipeline_wrapper": "pipeline_wrapper", "onnx_wrapper": "onnx_wrapper int4",
+                     "evaluate": "evaluate", "register": "register"}  # fmt: skip
+    assert "accuracy" in children["evaluate"].data.tags["mlflow.note.content"]
+    description = mlflow.MlflowClient().get_model_version("main-chat", version).description
+    assert description.startswith(("ONNX Runtime GenAI pyfunc", "Transformers chat pipeline"))
+    assert "Call: mlflow.pyfunc.load_model" in description and "/tmp" not in description
     answer = mlflow.pyfunc.load_model("models:/main-chat@champion").predict({"prompt": "What is the capital of Spain?"})
     assert answer == ["The capital of Spain is Madrid."]
 
@@ -182,6 +197,8 @@ def test_a_failing_step_fails_the_parent_by_name_and_a_rerun_resumes(
     # The cause is on the parent too, naming the step and its run, and it is what main prints last.
     assert parent.data.tags["phi3.error"].startswith(f"step onnx_wrapper failed (run {child.info.run_id}): ")
     assert child.data.tags["phi3.error"] in parent.data.tags["phi3.error"]
+    assert child.data.tags["mlflow.note.content"] == f"Failed: {child.data.tags['phi3.error']}"
+    assert parent.data.tags["mlflow.note.content"].startswith("Failed: step onnx_wrapper failed")
     last = failed.output.strip().splitlines()
     assert any(child.data.tags["phi3.error"] in line and line.startswith("error: main:") for line in last)
 

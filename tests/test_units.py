@@ -308,3 +308,31 @@ def test_digests_follow_content_not_names(tmp_path, monkeypatch):
     assert cache.tree_digest(tmp_path / "a") == before
     (tmp_path / "a" / "w.bin").write_bytes(b"2" * 100)
     assert cache.tree_digest(tmp_path / "a") != before
+
+
+def test_the_verdict_says_when_latency_broke_a_tie():
+    from phi3mlflow import report
+    from phi3mlflow.summary import Scores, Summary
+
+    def scores(acc, p50):
+        return Scores("models:/m-x", acc, acc, acc, p50, p50, 10.0)
+
+    tie = Summary("accuracy", "onnx", "chat", 1.0, {"chat": scores(1.0, 45.0), "onnx": scores(1.0, 17.0)})
+    assert report.verdict(tie) == "onnx and chat tie on accuracy (1); decided by p50 latency (17 ms vs 45 ms)"
+    win = Summary("accuracy", "chat", "chat", 0.5, {"chat": scores(0.62, 45.0), "onnx": scores(0.57, 17.0)})
+    assert report.verdict(win) == "chat wins on accuracy: 0.62 vs onnx 0.57"
+
+
+def test_run_names_calls_and_where_to_look():
+    from phi3mlflow import report
+
+    assert (
+        report.main_run_name("params/smollm2.yaml", {"precision": "int8", "model": ""}) == "main smollm2 precision=int8"
+    )
+    serve, curl = report.call_command("phi3-tiny-chat", "champion", "onnx")
+    assert "models:/phi3-tiny-chat@champion" in serve and '"prompt"' in curl
+    assert '"messages"' in report.call_command("phi3-tiny-chat", "champion", "chat")[1]
+    assert (
+        report.where_to_look("http://127.0.0.1:5000/", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    )
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in report.where_to_look("sqlite:///mlflow.db", "0", "r")

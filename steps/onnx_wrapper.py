@@ -21,20 +21,19 @@ artifact, its signature (with params), input example and pinned requirements (no
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from phi3mlflow import PACKAGE_DIR
 from phi3mlflow.cli import StepParser, fail, model_source, non_negative_float, positive_int, resolve_model_dir, run_main
 from phi3mlflow.genai import MAX_PROMPTS_PER_REQUEST, MAX_TOTAL_NEW_TOKENS
+from phi3mlflow.onnx_export import PRECISIONS
 from phi3mlflow.tiny import BUILTIN_MODEL
 
-PRECISIONS = ("fp32", "int8", "int4")
 INPUT_EXAMPLE = {"prompt": "What is the capital of Spain?"}
 
 
 def genai_folder(value: str) -> str:
     """Validate ``--onnx_model_dir``: empty (export) or an ORT GenAI model folder."""
-    from pathlib import Path
-
     if not value.strip():
         return ""
     path = Path(value).expanduser()
@@ -70,7 +69,7 @@ def main(args) -> str:
 
     from phi3mlflow import report
     from phi3mlflow.genai import GenAIChat, SearchOptions
-    from phi3mlflow.onnx_export import export
+    from phi3mlflow.onnx_export import export, log_path
     from phi3mlflow.tracking import log_params_once, pinned
 
     if args.onnx_model_dir:
@@ -110,6 +109,8 @@ def main(args) -> str:
                 "source_model": args.onnx_model_dir or args.model,
             }
         )
+        if not args.onnx_model_dir and log_path(Path(folder)).is_file():
+            mlflow.log_artifact(str(log_path(Path(folder))), "onnx_export")
         source = "a prebuilt ORT GenAI folder" if args.onnx_model_dir else f"{args.model} exported at {precision}"
         report.name_and_note(f"onnx_wrapper {precision}", f"Logged {source} as an ONNX pyfunc: {info.model_uri}.")
     print(f"onnx_wrapper: logged {info.model_uri}", flush=True)

@@ -14,6 +14,7 @@ the benchmark cannot rot; the full mode uses a ~42 M-parameter random-weight Phi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -84,7 +85,9 @@ def main(args) -> dict:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    with tempfile.TemporaryDirectory(prefix="phi3-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="phi3-bench-") as tmp, contextlib.chdir(tmp):
+        # In the temporary folder: a SQLite store puts artifacts in ./mlruns of the working
+        # directory, and so does every `mlflow run` the figures start; nothing lands in the checkout.
         uri = f"sqlite:///{tmp}/bench.db"
         os.environ["MLFLOW_TRACKING_URI"] = uri
         mlflow.set_tracking_uri(uri)

@@ -100,12 +100,18 @@ def chat_request(question: str, max_new_tokens: int, temperature: float) -> dict
     return request
 
 
+def _fresh(path: str | None) -> str | None:
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
 class ChatCaller:
     """The llm/v1/chat model, called with an OpenAI-style chat request as a user would."""
 
     key = "chat"
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, dst_path: str | None = None):
         import mlflow
         from transformers.utils import logging as hf_logging
 
@@ -113,7 +119,7 @@ class ChatCaller:
         # the weight-loading bar is noise in a step's log.
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self.model = mlflow.pyfunc.load_model(uri)
+        self.model = mlflow.pyfunc.load_model(uri, dst_path=_fresh(dst_path))
         pipe = self.model.get_raw_model()
         self.tokenizer = pipe.tokenizer
         self.context_length = int(getattr(pipe.model.config, "max_position_embeddings", 0) or 0) or None
@@ -136,10 +142,10 @@ class OnnxCaller:
 
     key = "onnx"
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, dst_path: str | None = None):
         import mlflow
 
-        self.model = mlflow.pyfunc.load_model(uri)
+        self.model = mlflow.pyfunc.load_model(uri, dst_path=_fresh(dst_path))
         # The pyfunc returns text only; its own tokenizer counts the generated tokens.
         self.chat = self.model.unwrap_python_model().chat
         self.context_length = self.chat.context_length

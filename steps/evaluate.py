@@ -23,6 +23,8 @@ question fits the context of every model evaluated. Answers may list aliases: "8
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,6 +49,11 @@ def parse_args(argv=None):
 
 
 def main(args) -> Summary:
+    with contextlib.ExitStack() as stack:
+        return _main(args, stack)
+
+
+def _main(args, stack: contextlib.ExitStack) -> Summary:
     import mlflow
     from mlflow.data.pandas_dataset import from_pandas
 
@@ -63,6 +70,8 @@ def main(args) -> Summary:
     for key, uri in uris.items():
         ev.check_model_uri(key, uri)
     questions = data["question"].tolist()
+    # MLflow downloads a model from the tracking server into a temporary folder it never removes.
+    downloads = stack.enter_context(tempfile.TemporaryDirectory(prefix="phi3-evaluate-"))
     if args.engine == "spark":
         from phi3mlflow import spark_scoring
 
@@ -70,7 +79,10 @@ def main(args) -> Summary:
         callers = {}
     else:
         # Load both models and check every question against both contexts before answering any.
-        callers = {key: {"chat": ev.ChatCaller, "onnx": ev.OnnxCaller}[key](uri) for key, uri in uris.items()}
+        callers = {
+            key: {"chat": ev.ChatCaller, "onnx": ev.OnnxCaller}[key](uri, f"{downloads}/{key}")
+            for key, uri in uris.items()
+        }
         ev.check_fits(list(callers.values()), questions, args.dataset)
 
     table = data.copy()

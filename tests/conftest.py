@@ -90,6 +90,18 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_stay_in_pytests_temp(tmp_path_factory):
+    """Every temporary file of the session (MLflow's model downloads among them) under pytest's
+    own temporary folder, which pytest prunes, in this process and in every process it starts."""
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    os.environ["TMPDIR"] = folder
+    tempfile.tempdir = folder
+    yield
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """One built-in model cache for the session, so the model is built once and reused."""

@@ -49,8 +49,18 @@ def _cache(run):
     return {s: run.data.tags[f"child.{s}.cache"] for s in STEPS}
 
 
+def _checkout_entries() -> set[str]:
+    out = subprocess.run(["git", "status", "--ignored", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+    return set(out.stdout.splitlines())
+
+
 @pytest.fixture(scope="module")
-def first(mlflow_run, profile):
+def checkout_before():
+    return _checkout_entries()
+
+
+@pytest.fixture(scope="module")
+def first(mlflow_run, profile, checkout_before):
     return mlflow_run("main", {"params_file": str(profile)}, experiment=EXPERIMENT)
 
 
@@ -361,3 +371,9 @@ def test_sigterm_to_the_launcher_cancels_the_chain_and_registers_nothing(first, 
     assert "SIGTERM" in child.data.tags["phi3.error"]
     assert "child.register.run_id" not in parent.data.tags
     assert not client.search_registered_models("name = 'cancelled-chat'")
+
+
+def test_the_chain_leaves_nothing_in_the_checkout(first, checkout_before):
+    # Kept last: every chain run of this module has happened. Tool caches are pytest's and ruff's own.
+    new = {e for e in _checkout_entries() - checkout_before if not e.endswith(("_cache/", "__pycache__/"))}
+    assert not new, new

@@ -8,17 +8,19 @@ import re
 import time
 from dataclasses import dataclass
 
+from phi3mlflow import tags
 from phi3mlflow.errors import InputError
 from phi3mlflow.metrics import METRICS, better
 from phi3mlflow.summary import Summary
 
-EVAL_RUN_TAG = "source_eval_run"
+EVAL_RUN_TAG = tags.SOURCE_EVAL_RUN
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
 # Unity Catalog: each of catalog.schema.model non-empty, without spaces, dots, slashes or control characters.
 _UC_PART = re.compile(r"^[^\s./\\:\x00-\x1f\x7f`]+$")
-# An equal score moves the alias only if the newcomer's p50 latency is this much lower: latency
-# measured in two evaluation runs differs by more than a few per cent on a busy machine.
-TIE_BREAK_MARGIN = 0.10
+# An equal score moves the alias only if the newcomer's p50 latency is this much lower: the same
+# model timed twice on a shared 2-core machine differs by up to ~24 % (the benchmark's A/A pairs),
+# and two evaluation runs are timed minutes apart.
+TIE_BREAK_MARGIN = 0.25
 
 
 def check_names(name: str, alias: str, registry_uri: str) -> None:
@@ -143,20 +145,20 @@ def gate(
 
 def version_tags(summary: Summary, key: str, eval_run_id: str, source_tags: dict, git_commit: str | None) -> dict:
     best = summary.models[key]
-    tags = {
+    out = {
         EVAL_RUN_TAG: eval_run_id,
-        "wrapper": key,
-        "precision": source_tags.get("precision", "fp32" if key == "chat" else "unknown"),
-        "source_model": source_tags.get("source_model", ""),
+        tags.WRAPPER: key,
+        tags.PRECISION: source_tags.get(tags.PRECISION, "fp32" if key == "chat" else "unknown"),
+        tags.SOURCE_MODEL: source_tags.get(tags.SOURCE_MODEL, ""),
         "selected_metric": summary.metric,
         **{f"metric.{m}": f"{best[m]:.6g}" for m in METRICS},
     }
     if git_commit:
-        tags["git_commit"] = git_commit
-    return tags
+        out["git_commit"] = git_commit
+    return out
 
 
-def describe(summary: Summary, key: str, tags: dict, eval_run_id: str, name: str, version: str) -> str:
+def describe(summary: Summary, key: str, version_tags: dict, eval_run_id: str, name: str, version: str) -> str:
     """The version's description: what it is, how to call it, then where it came from and how it scored."""
     best = summary.models[key]
     uri = f"models:/{name}/{version}"
@@ -168,10 +170,10 @@ def describe(summary: Summary, key: str, tags: dict, eval_run_id: str, name: str
         )
     else:
         lead = (
-            f"ONNX Runtime GenAI pyfunc, {tags['precision']}: prompts in, one answer each. "
+            f"ONNX Runtime GenAI pyfunc, {version_tags[tags.PRECISION]}: prompts in, one answer each. "
             f"""Call: mlflow.pyfunc.load_model("{uri}").predict({{"prompt": ["Hi"]}})."""
         )
-    source = tags["source_model"]
+    source = version_tags[tags.SOURCE_MODEL]
     if source.startswith(("/", "~", ".")) or source.startswith("gguf:"):
         source = source.rstrip("/").rsplit("/", 1)[-1]  # a local path says nothing to others
     return (
@@ -223,7 +225,7 @@ def alias_tags(client, name: str, alias: str) -> tuple[str | None, dict | None]:
     return v.version, dict(v.tags)
 
 
-def settle_alias(client, name: str, alias: str, version: str, metric: str, tags: dict, rounds: int = 5) -> None:
+def settle_alias(client, name: str, alias: str, version: str, metric: str, mine: dict, rounds: int = 5) -> None:
     """Point ``alias`` at ``version`` and keep it consistent with a concurrent registration.
 
     Two registrations racing each read the alias, then write it; the later write could hide a
@@ -237,6 +239,6 @@ def settle_alias(client, name: str, alias: str, version: str, metric: str, tags:
         if holder in (None, version):
             return
         theirs = (holder_tags or {}).get(f"metric.{metric}")
-        if theirs is None or not better(metric, float(tags[f"metric.{metric}"]), float(theirs)):
+        if theirs is None or not better(metric, float(mine[f"metric.{metric}"]), float(theirs)):
             return
         client.set_registered_model_alias(name, alias, version)

@@ -1,8 +1,28 @@
-"""The run and version tag names the steps write and read, in one place."""
+"""The run and model-version tag names the steps write and read, in one place."""
 
+# Every step run
 ERROR = "phi3.error"  # a failed or cancelled run's cause, one line
 CACHE_KEY = "phi3.cache_key"  # what a step run was keyed on; a later run with the same key may reuse it
 CODE_VERSION = "phi3.code_version"  # content hash of the project's code the run ran
 INPUT_DIGEST = "phi3.input_digest."  # + parameter name: content digest of the file or folder it named
-MODEL_URI = "model_uri"  # a wrapper run's logged model
-CHAMPION_VERSION = "champion_version"  # on main: the version the alias points to when the chain ended
+ENV_MANAGER = "phi3.env_manager"  # on main: the environment manager its children run with
+
+# Wrapper runs (and, copied, the registered versions)
+MODEL_URI = "model_uri"  # the run's logged model
+WRAPPER = "wrapper"  # chat or onnx
+PRECISION = "precision"  # fp32, int8, int4 or prebuilt (onnx)
+SOURCE_MODEL = "source_model"  # the model parameter it was built from
+
+# evaluate runs (and main)
+BEST = "best"  # the best candidate by the selected metric, before the goals
+
+# register runs (and main, which reads the registry again at its end)
+REGISTERED_MODEL = "registered_model"
+REGISTERED_VERSION = "registered_version"
+WINNER = "winner"  # the candidate registered: the best that meets the goals
+ALIAS_MOVED = "alias_moved"  # true or false
+ALIAS_REASON = "alias_reason"
+CHAMPION_VERSION = "champion_version"  # the version the alias points to when the step or chain ended
+
+# Registered versions
+SOURCE_EVAL_RUN = "source_eval_run"  # the evaluation a version was registered from (once per evaluation)

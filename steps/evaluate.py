@@ -58,7 +58,7 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
     from mlflow.data.pandas_dataset import from_pandas
 
     from phi3mlflow import evaluation as ev
-    from phi3mlflow import report
+    from phi3mlflow import report, tags
     from phi3mlflow.errors import InputError
     from phi3mlflow.metrics import agreement, mlflow_metrics
     from phi3mlflow.tracking import log_params_once
@@ -128,7 +128,7 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
         mlflow.log_table(table, artifact_file="eval_table.json")
         mlflow.log_dict(result.to_dict(), "summary.json")
         mlflow.log_figure(ev.plot(models), "comparison.png")
-        mlflow.set_tag("best", result.best)
+        mlflow.set_tag(tags.BEST, result.best)
         report.name_and_note("evaluate", f"{report.verdict(result)}.")
     for key, m in models.items():
         shown = {k: v for k, v in asdict(m).items() if k != "model_uri" and v is not None}

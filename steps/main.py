@@ -113,7 +113,7 @@ def main(args) -> dict:
         # Children get the same one: nested mlflow.run calls do not inherit it by themselves.
         env_manager = mlflow.get_run(parent.info.run_id).data.tags.get("mlflow.project.env", "local")
         chain = Chain(parent.info.experiment_id, parent.info.run_id, values["use_cache"] == "true", env_manager)
-        mlflow.set_tags({tags.CODE_VERSION: chain.code, "phi3.env_manager": env_manager})
+        mlflow.set_tags({tags.CODE_VERSION: chain.code, tags.ENV_MANAGER: env_manager})
         client, up, step = chain.client, {}, "pipeline_wrapper"
         try:
             chat = chain.run(step, step_params(step, values))
@@ -136,26 +136,26 @@ def main(args) -> dict:
             raise
         eval_run, reg_run = client.get_run(up["eval"]), client.get_run(reg.run_id)
         mlflow.log_metrics(eval_run.data.metrics)
-        outcome = {k: reg_run.data.tags.get(k, "") for k in ("registered_model", "registered_version", "winner",
-                                                               "alias_moved", "alias_reason")}  # fmt: skip
+        told = (tags.REGISTERED_MODEL, tags.REGISTERED_VERSION, tags.WINNER, tags.ALIAS_MOVED, tags.ALIAS_REASON)
+        outcome = {k: reg_run.data.tags.get(k, "") for k in told}
         # What the registry says now, not what the step believed: another job may have moved it since.
         champion, _ = registry.alias_tags(client, values["registered_model_name"], values["alias"])
         outcome[tags.CHAMPION_VERSION] = champion or ""
         summary = Summary.from_dict(mlflow.artifacts.load_dict(f"{eval_run.info.artifact_uri}/summary.json"))
         ran = [f"{r.name} {'reused' if r.reused else 'ran'}" for r in (chat, onnx, evaluated)]
-        name, alias = outcome["registered_model"], values["alias"]
-        moved = "moved to it" if outcome["alias_moved"] == "true" else "not moved"
+        name, alias = outcome[tags.REGISTERED_MODEL], values["alias"]
+        moved = "moved to it" if outcome[tags.ALIAS_MOVED] == "true" else "not moved"
         done = (
             f"{outcome['winner']} registered as {name} version {outcome['registered_version']}; "
             f"@{alias} {moved} ({outcome['alias_reason']}); @{alias} is version {champion or 'unset'}"
         )
         note = f"{', '.join(ran)}, register ran. {report.verdict(summary)}. "
-        mlflow.set_tags({**outcome, "best": outcome["winner"], report.NOTE: note + done})
+        mlflow.set_tags({**outcome, tags.BEST: outcome[tags.WINNER], report.NOTE: note + done})
         champion_wrapper = registry.alias_tags(client, name, alias)[1] or {}
         look = report.where_to_look(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id)
     print(f"main: evaluation: {report.verdict(summary)}", flush=True)
     if champion:
-        for line in report.call_command(name, alias, champion_wrapper.get("wrapper", outcome["winner"])):
+        for line in report.call_command(name, alias, champion_wrapper.get(tags.WRAPPER, outcome[tags.WINNER])):
             print(f"main: call @{alias}: {line}", flush=True)
     print(f"main: look: {look}", flush=True)
     print(f"main: done: {done}", flush=True)

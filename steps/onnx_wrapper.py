@@ -67,7 +67,7 @@ def signature(max_new_tokens: int, temperature: float):
 def main(args) -> str:
     import mlflow
 
-    from phi3mlflow import report
+    from phi3mlflow import report, tags
     from phi3mlflow.genai import GenAIChat, SearchOptions
     from phi3mlflow.onnx_export import export, log_path
     from phi3mlflow.tracking import log_params_once, pinned
@@ -103,10 +103,10 @@ def main(args) -> str:
         )
         mlflow.set_tags(
             {
-                "model_uri": info.model_uri,
-                "wrapper": "onnx",
-                "precision": precision,
-                "source_model": args.onnx_model_dir or args.model,
+                tags.MODEL_URI: info.model_uri,
+                tags.WRAPPER: "onnx",
+                tags.PRECISION: precision,
+                tags.SOURCE_MODEL: args.onnx_model_dir or args.model,
             }
         )
         if not args.onnx_model_dir and log_path(Path(folder)).is_file():

@@ -48,7 +48,7 @@ def main(args) -> str:
     import mlflow
     import transformers
 
-    from phi3mlflow import report
+    from phi3mlflow import report, tags
     from phi3mlflow.tracking import log_params_once, pinned
 
     source = resolve_model_dir(args.model)
@@ -72,7 +72,7 @@ def main(args) -> str:
             # Inferred requirements pull in torchvision, which fails beside the CPU torch.
             pip_requirements=pinned("mlflow", "torch", "transformers", "tokenizers"),
         )
-        mlflow.set_tags({"model_uri": info.model_uri, "wrapper": "chat", "source_model": args.model})
+        mlflow.set_tags({tags.MODEL_URI: info.model_uri, tags.WRAPPER: "chat", tags.SOURCE_MODEL: args.model})
         report.name_and_note(
             "pipeline_wrapper", f"Logged {args.model} as a transformers chat model (llm/v1/chat): {info.model_uri}."
         )

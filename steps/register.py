@@ -14,7 +14,7 @@ Outputs:
   source_eval_run, wrapper, precision, source_model, git_commit, metric.* and a description;
   registered once per evaluation run. The alias moves to it only if it meets the goals and beats
   the alias's current version on the selected metric (an equal score needs a p50 latency more
-  than 10 % lower).
+  than 25 % lower).
 Logged: run tags registered_model, registered_version, winner, alias_moved (true/false),
 alias_reason, champion_version (the alias's holder when the step ended).
 This step has side effects on the registry: main never reuses an earlier run of it.
@@ -58,7 +58,7 @@ def _load_summary(client, eval_run_id: str) -> tuple[Summary, Run]:
 def main(args) -> dict:
     import mlflow
 
-    from phi3mlflow import registry, report
+    from phi3mlflow import registry, report, tags
     from phi3mlflow.tracking import log_params_once
 
     registry.check_names(args.registered_model_name, args.alias, mlflow.get_registry_uri())
@@ -74,20 +74,20 @@ def main(args) -> dict:
         log_params_once(vars(args))
         existing = registry.find_version(client, name, args.eval_run_id)
         if existing is not None:
-            version, tags = existing.version, dict(existing.tags)
+            version, version_tags = existing.version, dict(existing.tags)
             print(f"register: evaluation {args.eval_run_id} is already version {version} of {name}", flush=True)
         else:
-            tags = registry.version_tags(
+            version_tags = registry.version_tags(
                 summary,
                 choice.key,
                 args.eval_run_id,
                 registry.source_run_tags(client, winner.model_uri),
                 eval_run.data.tags.get("mlflow.source.git.commit"),
             )
-            mv = mlflow.register_model(winner.model_uri, name, tags=tags)
+            mv = mlflow.register_model(winner.model_uri, name, tags=version_tags)
             version = mv.version
             client.update_model_version(
-                name, version, registry.describe(summary, choice.key, tags, args.eval_run_id, name, version)
+                name, version, registry.describe(summary, choice.key, version_tags, args.eval_run_id, name, version)
             )
             print(f"register: registered {winner.model_uri} as {name} version {version}", flush=True)
 
@@ -97,18 +97,18 @@ def main(args) -> dict:
         else:
             decision = registry.gate(summary, choice, args.force, holder_tags, holder)
         if decision.move:
-            registry.settle_alias(client, name, args.alias, version, summary.metric, tags)
+            registry.settle_alias(client, name, args.alias, version, summary.metric, version_tags)
         champion, _ = registry.alias_tags(client, name, args.alias)
         outcome = f"moved to version {version}" if decision.move else f"not moved (holder: {holder or 'none'})"
         print(f"register: @{args.alias} {outcome}: {decision.reason}", flush=True)
         mlflow.set_tags(
             {
-                "registered_model": name,
-                "registered_version": version,
-                "winner": choice.key,
-                "alias_moved": str(decision.move).lower(),
-                "alias_reason": decision.reason,
-                "champion_version": champion or "",
+                tags.REGISTERED_MODEL: name,
+                tags.REGISTERED_VERSION: version,
+                tags.WINNER: choice.key,
+                tags.ALIAS_MOVED: str(decision.move).lower(),
+                tags.ALIAS_REASON: decision.reason,
+                tags.CHAMPION_VERSION: champion or "",
             }
         )
         report.name_and_note("register", f"{choice.key} is version {version} of {name}; @{args.alias} {outcome}: "

@@ -13,12 +13,14 @@ import yaml
 
 from phi3mlflow import PROJECT_ROOT, tags
 from phi3mlflow.errors import InputError
+from phi3mlflow.tracking import requirement_pins
 
 # What a profile may set, and so what the chain passes on; main's CLI overrides any of them.
 PROFILE_KEYS = (
     "model", "trust_remote_code", "precision", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens",
     "temperature", "dataset", "question_column", "answer_column", "select_metric", "engine", "registered_model_name",
-    "alias", "min_accuracy", "max_accuracy_drop", "force", "use_cache",
+    "alias", "min_accuracy", "max_accuracy_drop", "force", "use_cache", "max_prompts_per_request",
+    "max_total_new_tokens",
 )  # fmt: skip
 # The code a step runs and the environment it runs in: what the code version hashes. Profiles, data
 # and docs are not code: data reaches a step through a parameter, whose content is keyed itself.
@@ -62,12 +64,20 @@ def code_version(root: Path = PROJECT_ROOT) -> str:
 
     One rule for a git checkout, a dirty tree and a git URL: content. A commit that changes only
     the README or a profile reuses every step; the git commit stays on each run as provenance
-    (``mlflow.source.git.commit``).
+    (``mlflow.source.git.commit``). The installed versions of the packages requirements.txt pins
+    count too: under ``--env-manager local`` an upgrade changes what the steps produce.
     """
+    from importlib.metadata import PackageNotFoundError, version
+
     h = hashlib.sha256()
     files = sorted({f for g in CODE_GLOBS for f in root.glob(g) if f.is_file() and "__pycache__" not in f.parts})
     for f in files:
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    for name in sorted(requirement_pins()):
+        try:
+            h.update(f"{name}=={version(name)};".encode())
+        except PackageNotFoundError:
+            h.update(f"{name} missing;".encode())
     return f"sha256:{h.hexdigest()[:20]}"
 
 
@@ -165,9 +175,14 @@ class Chain:
                 env_manager=self.env_manager,
                 synchronous=True,
             )
-        except ExecutionException as e:
+        except Exception as e:  # noqa: BLE001 - the step's own failure, or its environment's (virtualenv, conda)
             failed = self._latest_child(name)
-            cause = (failed.data.tags.get(tags.ERROR) if failed else None) or str(e)
+            cause = (failed.data.tags.get(tags.ERROR) if failed else None) or f"{type(e).__name__}: {e}"
+            if failed is not None and failed.info.status == "RUNNING":
+                self.client.set_tag(failed.info.run_id, tags.ERROR, cause[:1000])
+                self.client.set_terminated(failed.info.run_id, "FAILED")
+            if not isinstance(e, ExecutionException):
+                cause = cause.strip().splitlines()[0] if cause.strip() else type(e).__name__
             raise StepFailed(name, failed.info.run_id if failed else None, cause) from None
         run_tags = {tags.CODE_VERSION: self.code, **{tags.INPUT_DIGEST + k: v for k, v in inputs.items()}}
         if cacheable:

@@ -61,6 +61,10 @@ def record_failure(message: str, status: str | None = None, keep_existing: bool 
 
 
 def _raise_cancelled(signum, frame):
+    # Once is enough: Ctrl-C reaches every process of the group and mlflow.run then sends SIGTERM
+    # too; a second Cancelled during the cleanup would lose the cause.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise Cancelled(signum)
 
 

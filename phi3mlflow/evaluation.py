@@ -10,7 +10,7 @@ from pathlib import Path
 
 from phi3mlflow import PROJECT_ROOT
 from phi3mlflow.errors import InputError
-from phi3mlflow.metrics import better
+from phi3mlflow.metrics import aliases, better
 from phi3mlflow.summary import Scores, Summary
 
 # Relative to the project, like every path a profile or MLproject default names.
@@ -60,6 +60,10 @@ def load_dataset(path: str, question_column: str, answer_column: str):
             _fail("dataset", f"{where}: {question_column} is empty")
         if a is None or (isinstance(a, float) and a != a) or not str(a).strip():
             _fail("dataset", f"{where}: {answer_column} is missing")
+        if not isinstance(a, str | int | float) or isinstance(a, bool):
+            _fail("dataset", f"{where}: {answer_column} must be text (aliases as 'a | b'), got {a!r}")
+        if aliases(str(a)) == [""]:
+            _fail("dataset", f"{where}: {answer_column} {a!r} has no alias left after normalising")
     columns = {question_column: "question", answer_column: "expected"}
     if CATEGORY_COLUMN in df.columns and CATEGORY_COLUMN not in (question_column, answer_column):
         columns[CATEGORY_COLUMN] = "category"
@@ -161,18 +165,20 @@ class OnnxCaller:
         return Answer(text, ms, self.chat.completion_tokens(text, max_new_tokens))
 
 
-def check_fits(callers: list, questions: list[str], dataset: str) -> None:
-    """Every question leaves room for an answer in every model's context, checked before any is asked."""
+def check_fits(callers: list, questions: list[str], dataset: str, max_new_tokens: int) -> None:
+    """Every question leaves room for a whole answer (max_new_tokens) in every model's context,
+    checked before any is asked: otherwise one model's answer is cut short and the other's not."""
     for caller in callers:
         if not caller.context_length:
             continue
         for i, q in enumerate(questions, start=1):
             n = caller.prompt_tokens(q)
-            if n >= caller.context_length:
+            if n + max_new_tokens > caller.context_length:
                 _fail(
                     "dataset",
-                    f"{Path(dataset).name} row {i}: the question is {n} tokens with the chat template; "
-                    f"the {caller.key} model's context is {caller.context_length} tokens",
+                    f"{Path(dataset).name} row {i}: the question is {n} tokens with the chat template, which "
+                    f"leaves less than max_new_tokens {max_new_tokens} of the {caller.key} model's context of "
+                    f"{caller.context_length} tokens",
                 )
 
 

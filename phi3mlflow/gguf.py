@@ -251,6 +251,8 @@ def _read_header(path: Path, buf, size: int) -> tuple[dict, list, int]:
             tensors.append((name, dims, ggml_type, offset))
     except _Damaged as e:
         _fail(path, f"is truncated or damaged: {e}")
+    except InputError:
+        raise
     except (struct.error, ValueError, OverflowError, MemoryError) as e:
         _fail(path, f"is truncated or damaged: {type(e).__name__}: {e}")
     return meta, tensors, h.pos

@@ -23,6 +23,11 @@ _UC_PART = re.compile(r"^[^\s./\\:\x00-\x1f\x7f`]+$")
 TIE_BREAK_MARGIN = 0.25
 
 
+def stored(value: float) -> float:
+    """A metric as a version tag keeps it: 6 significant digits."""
+    return float(f"{value:.6g}")
+
+
 def check_names(name: str, alias: str, registry_uri: str) -> None:
     """MLflow's and Unity Catalog's rules for registered model names, and the alias rules."""
     if not name.strip():
@@ -129,12 +134,13 @@ def gate(
     theirs = current.get(f"metric.{metric}")
     if theirs is None:
         return Decision(True, f"{holder} records no {metric}; the gated winner replaces it")
-    theirs = float(theirs)
-    if better(metric, best[metric], theirs):
-        return Decision(True, f"{metric} {best[metric]:.4g} beats {holder}'s {theirs:.4g}")
-    if better(metric, theirs, best[metric]):
-        return Decision(False, f"{metric} {best[metric]:.4g} is worse than {holder}'s {theirs:.4g}")
-    mine, their_p50 = best.latency_p50_ms, current.get("metric.latency_p50_ms")
+    # Compared as the version tags store them (6 significant digits), so an equal score is a tie.
+    theirs, ours = float(theirs), stored(best[metric])
+    if better(metric, ours, theirs):
+        return Decision(True, f"{metric} {ours:.4g} beats {holder}'s {theirs:.4g}")
+    if better(metric, theirs, ours):
+        return Decision(False, f"{metric} {ours:.4g} is worse than {holder}'s {theirs:.4g}")
+    mine, their_p50 = stored(best.latency_p50_ms), current.get("metric.latency_p50_ms")
     if their_p50 is not None and mine < float(their_p50) * (1 - TIE_BREAK_MARGIN):
         gain = (
             f"p50 latency {mine:.4g} ms beats {holder}'s {float(their_p50):.4g} ms by more than {TIE_BREAK_MARGIN:.0%}"
@@ -151,7 +157,7 @@ def version_tags(summary: Summary, key: str, eval_run_id: str, source_tags: dict
         tags.PRECISION: source_tags.get(tags.PRECISION, "fp32" if key == "chat" else "unknown"),
         tags.SOURCE_MODEL: source_tags.get(tags.SOURCE_MODEL, ""),
         "selected_metric": summary.metric,
-        **{f"metric.{m}": f"{best[m]:.6g}" for m in METRICS},
+        **{f"metric.{m}": f"{stored(best[m]):.6g}" for m in METRICS},
     }
     if git_commit:
         out["git_commit"] = git_commit
@@ -201,8 +207,8 @@ def source_run_tags(client, model_uri: str) -> dict:
         return {}
 
 
-def find_version(client, name: str, eval_run_id: str):
-    """The version already registered from this evaluation run, if any (the newest)."""
+def find_version(client, name: str, eval_run_id: str, wrapper: str | None = None):
+    """The version already registered from this evaluation run for ``wrapper``, if any (the newest)."""
     from mlflow.exceptions import MlflowException
 
     literal = quoted(name)
@@ -211,7 +217,7 @@ def find_version(client, name: str, eval_run_id: str):
         found = client.search_model_versions(f"name = {literal} and {by_tag}" if literal else by_tag)
     except MlflowException:
         return None
-    found = [v for v in found if v.name == name]
+    found = [v for v in found if v.name == name and (wrapper is None or v.tags.get(tags.WRAPPER) == wrapper)]
     return max(found, key=lambda v: int(v.version)) if found else None
 
 

@@ -84,17 +84,6 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
 
 
-def hub_revision(repo_id: str) -> str | None:
-    """The commit the local Hugging Face cache holds for ``repo_id``'s main branch, if any."""
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        ref = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
-        return ref.read_text().strip() or None
-    except (ImportError, OSError):
-        return None
-
-
 def content_digest(value: str) -> str:
     """What the model's bytes are, for the step cache: a change of weights means a new key."""
     from phi3mlflow.cache import file_digest, tree_digest
@@ -108,8 +97,10 @@ def content_digest(value: str) -> str:
     path = Path(value).expanduser()
     if path.is_dir():
         return f"folder:{tree_digest(path)}"
-    # A hub id names no fixed bytes; the cached snapshot's commit does, once there is one.
-    return f"hub:{value}@{hub_revision(value) or 'unresolved'}"
+    # A hub id names no fixed bytes; the commit of its snapshot does. Resolved here, once per chain
+    # run (snapshot_download checks the hub for a newer revision when online, reads the local cache
+    # offline), so the steps that follow find the same snapshot in the Hugging Face cache.
+    return f"hub:{value}@{_hub_snapshot(value).name}"
 
 
 def _gguf_file(value: str) -> Path:

@@ -83,7 +83,7 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
             key: {"chat": ev.ChatCaller, "onnx": ev.OnnxCaller}[key](uri, f"{downloads}/{key}")
             for key, uri in uris.items()
         }
-        ev.check_fits(list(callers.values()), questions, args.dataset)
+        ev.check_fits(list(callers.values()), questions, args.dataset, args.max_new_tokens)
 
     table = data.copy()
     models = {}

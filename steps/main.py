@@ -50,7 +50,7 @@ def plan(args) -> dict:
     values = load_profile(args.params_file)
     values.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) != ""})
     try:
-        true_false(values["use_cache"])
+        values["use_cache"] = str(true_false(values["use_cache"])).lower()
     except argparse.ArgumentTypeError as e:
         fail("use_cache", str(e))
     # Each step's own parser checks its values now, before any model is loaded.
@@ -78,7 +78,9 @@ WIRING = {
     "pipeline_wrapper": {"model": "model", "serve_max_new_tokens": "serve_max_new_tokens",
                          "temperature": "temperature", "trust_remote_code": "trust_remote_code"},
     "onnx_wrapper": {"model": "model", "precision": "precision", "onnx_model_dir": "onnx_model_dir",
-                     "serve_max_new_tokens": "serve_max_new_tokens", "temperature": "temperature"},
+                     "serve_max_new_tokens": "serve_max_new_tokens", "temperature": "temperature",
+                     "max_prompts_per_request": "max_prompts_per_request",
+                     "max_total_new_tokens": "max_total_new_tokens"},
     "evaluate": {"chat_model_uri": "@chat", "onnx_model_uri": "@onnx", "dataset": "dataset",
                  "question_column": "question_column", "answer_column": "answer_column",
                  "max_new_tokens": "max_new_tokens", "temperature": "temperature", "select_metric": "select_metric",

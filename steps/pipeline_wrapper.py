@@ -14,6 +14,8 @@ Logged: the parameters, the model with its signature, input example and pinned r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from phi3mlflow.cli import (
     StepParser,
     model_source,
@@ -58,9 +60,10 @@ def main(args) -> str:
         model=source,
         trust_remote_code=args.trust_remote_code,
     )
-    if args.model.startswith(("builtin:", "gguf:")):
-        # The chat.completion "model" field and the model card report this name, not a cache path.
-        pipe.model.name_or_path = args.model.rsplit("/", 1)[-1]
+    # The chat.completion "model" field and the model card report the model's name, never a local
+    # path (a cache, a hub snapshot or the user's folder).
+    local = args.model.startswith(("gguf:", "/", "~", ".")) or Path(args.model).is_dir()
+    pipe.model.name_or_path = args.model.rstrip("/").rsplit("/", 1)[-1] if local else args.model
     with mlflow.start_run():
         log_params_once(vars(args))
         info = mlflow.transformers.log_model(

@@ -72,7 +72,7 @@ def main(args) -> dict:
 
     with mlflow.start_run():
         log_params_once(vars(args))
-        existing = registry.find_version(client, name, args.eval_run_id)
+        existing = registry.find_version(client, name, args.eval_run_id, choice.key)
         if existing is not None:
             version, version_tags = existing.version, dict(existing.tags)
             print(f"register: evaluation {args.eval_run_id} is already version {version} of {name}", flush=True)

@@ -156,7 +156,7 @@ def test_a_question_beyond_a_models_context_fails_before_any_answer(chat_run, in
     # MLflow warns while loading a model; the error is one line, and the last.
     lines = proc.stderr.strip().splitlines()
     assert [line for line in lines if line.startswith("error:")] == lines[-1:], proc.stderr
-    assert "dataset: long.csv row 2" in lines[-1] and "context is 256 tokens" in lines[-1]
+    assert "dataset: long.csv row 2" in lines[-1] and "context of 256 tokens" in lines[-1]
     assert "evaluate: chat model" not in proc.stdout
 
 

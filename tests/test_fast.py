@@ -25,7 +25,7 @@ STEPS = {"pipeline_wrapper": pipeline_wrapper, "onnx_wrapper": onnx_wrapper, "ev
 # Upstream outputs main passes on: the source in WIRING, and the parameter it feeds.
 UPSTREAM = {"@chat": "chat_model_uri", "@onnx": "onnx_model_uri", "@eval": "eval_run_id"}
 # Child parameters main does not pass, so the step's own default applies (the pyfunc's per-request caps).
-UNWIRED = {"onnx_wrapper": {"max_prompts_per_request", "max_total_new_tokens"}}
+UNWIRED: dict[str, set[str]] = {}
 PROFILES = sorted((PROJECT_ROOT / "params").glob("*.yaml"))
 
 

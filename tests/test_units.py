@@ -336,3 +336,35 @@ def test_run_names_calls_and_where_to_look():
         report.where_to_look("http://127.0.0.1:5000/", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
     )
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in report.where_to_look("sqlite:///mlflow.db", "0", "r")
+
+
+def test_an_equal_score_is_a_tie_as_the_version_tags_store_it():
+    from phi3mlflow.summary import Scores, Summary
+
+    acc = 97 / 132  # 0.7348484..., stored on the holder as "0.734848"
+    summary = Summary("accuracy", "onnx", "chat", 1.0, {"onnx": Scores("m", acc, 0, 0, 10.0, 10.0, 1.0)})
+    holder = registry.version_tags(summary, "onnx", "r", {}, None)
+    decision = registry.gate(summary, registry.choose(summary, 0.5, 1.0), False, holder, "1")
+    assert not decision.move and decision.reason.startswith("tie on accuracy")
+
+
+@pytest.mark.parametrize("answer,needle", [('["Paris", "paris"]', "must be text"), ('"|"', "no alias left"),
+                                           ('"?"', "no alias left")])  # fmt: skip
+def test_answers_must_be_text_with_an_alias(tmp_path, answer, needle):
+    path = tmp_path / "d.jsonl"
+    path.write_text(f'{{"question": "What is the capital of France?", "answer": {answer}}}\n')
+    with pytest.raises(InputError) as e:
+        load_dataset(str(path), "question", "answer")
+    assert e.value.parameter == "dataset" and "row 1" in str(e.value) and needle in str(e.value)
+
+
+def test_an_old_gguf_version_is_named_not_called_damaged(tmp_path):
+    import struct
+
+    from phi3mlflow import gguf
+
+    old = tmp_path / "old.gguf"
+    old.write_bytes(b"GGUF" + struct.pack("<I", 1) + b"\0" * 64)
+    with pytest.raises(InputError) as e:
+        gguf.inspect(old)
+    assert "GGUF version 1" in str(e.value) and "damaged" not in str(e.value)

@@ -22,6 +22,9 @@ PROFILE_KEYS = (
     "alias", "min_accuracy", "max_accuracy_drop", "force", "use_cache", "max_prompts_per_request",
     "max_total_new_tokens",
 )  # fmt: skip
+# Keys added after profiles were in use: a profile without them gets the step's own default
+# (main fills it in from the parser of the step the key is wired to).
+OPTIONAL_KEYS = ("max_accuracy_drop", "max_prompts_per_request", "max_total_new_tokens")
 # The code a step runs and the environment it runs in: what the code version hashes. Profiles, data
 # and docs are not code: data reaches a step through a parameter, whose content is keyed itself.
 CODE_GLOBS = ("MLproject", "python_env.yaml", "conda.yaml", "requirements*.txt", "steps/**/*.py",
@@ -46,7 +49,7 @@ def load_profile(path: str) -> dict:
     unknown = sorted(set(profile) - set(PROFILE_KEYS))
     if unknown:
         raise InputError("params_file", f"{path} sets unknown parameters {unknown}")
-    missing = sorted(set(PROFILE_KEYS) - set(profile))
+    missing = sorted(set(PROFILE_KEYS) - set(profile) - set(OPTIONAL_KEYS))
     if missing:
         raise InputError("params_file", f"{path} lacks {missing}")
     return {k: _as_param(v) for k, v in profile.items()}

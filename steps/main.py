@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from phi3mlflow.chain import PROFILE_KEYS
+from phi3mlflow.chain import OPTIONAL_KEYS, PROFILE_KEYS
 from phi3mlflow.cli import StepParser, fail, run_main, true_false
 
 OVERRIDES = ("model", "precision", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens", "temperature", "engine",
@@ -48,6 +48,8 @@ def plan(args) -> dict:
     from steps import evaluate, onnx_wrapper, pipeline_wrapper, register
 
     values = load_profile(args.params_file)
+    for key in set(OPTIONAL_KEYS) - set(values):
+        values[key] = step_default(key)
     values.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) != ""})
     try:
         values["use_cache"] = str(true_false(values["use_cache"])).lower()
@@ -88,6 +90,20 @@ WIRING = {
     "register": {"eval_run_id": "@eval", "registered_model_name": "registered_model_name", "alias": "alias",
                  "min_accuracy": "min_accuracy", "max_accuracy_drop": "max_accuracy_drop", "force": "force"},
 }  # fmt: skip
+
+
+def step_default(key: str) -> str:
+    """The default of the step parameter that profile key ``key`` is wired to, as MLflow logs it."""
+    import importlib
+
+    for name, wiring in WIRING.items():
+        for param, src in wiring.items():
+            if src == key:
+                step = importlib.import_module(f"steps.{name}")
+                required = ["--eval_run_id", "x"] if name == "register" else []
+                value = getattr(step.parse_args(required), param)
+                return str(value).lower() if isinstance(value, bool) else str(value)
+    raise KeyError(key)
 
 
 def step_params(name: str, values: dict, upstream: dict | None = None) -> dict:

@@ -308,3 +308,17 @@ def test_bad_requests_are_refused_before_the_model_is_touched(onnx_model):
     with pytest.raises(MlflowException) as e:
         list(onnx_model.predict_stream(None, {"prompt": "a"}, {"max_new_tokens": 21}))
     assert "max_total_new_tokens" in e.value.message
+
+
+def test_a_profile_written_before_the_newer_keys_gets_the_steps_defaults(tmp_path):
+    from phi3mlflow.chain import OPTIONAL_KEYS
+    from steps import main
+
+    values = yaml.safe_load((PROJECT_ROOT / "params/tiny.yaml").read_text())
+    for key in OPTIONAL_KEYS:
+        del values[key]
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(values))
+    planned = main.plan(main.parse_args(["--params_file", str(old)]))
+    assert planned["max_accuracy_drop"] == "1.0"
+    assert planned["max_prompts_per_request"] == "32" and planned["max_total_new_tokens"] == "4096"

@@ -183,11 +183,20 @@ def check_fits(callers: list, questions: list[str], dataset: str, max_new_tokens
 
 
 def answer_all(caller, questions: list[str], max_new_tokens: int, temperature: float) -> list[Answer]:
-    """Ask every question; a progress bar on a terminal, quiet in CI logs."""
-    from tqdm import tqdm
+    """Ask every question: a bar with questions done and tokens/s on a terminal, and a line with
+    the totals when the model is done."""
+    from phi3mlflow.progress import bar
 
-    bar = tqdm(questions, desc=caller.key, unit="q", disable=not sys.stderr.isatty())
-    return [caller(q, max_new_tokens, temperature) for q in bar]
+    answers: list[Answer] = []
+    tokens, seconds = 0, 0.0
+    with bar(questions, desc=f"evaluate {caller.key}", unit="q") as progress:
+        for q in progress:
+            answers.append(caller(q, max_new_tokens, temperature))
+            tokens, seconds = tokens + answers[-1].completion_tokens, seconds + answers[-1].latency_ms / 1000
+            progress.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}", refresh=False)
+    rate = tokens / max(seconds, 1e-9)
+    print(f"evaluate: {caller.key}: {len(answers)} questions in {seconds:.1f} s, {rate:.0f} tokens/s", file=sys.stderr)
+    return answers
 
 
 def choose_best(models: dict[str, Scores], metric: str) -> str:

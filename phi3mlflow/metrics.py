@@ -1,4 +1,5 @@
-"""Answer-quality and speed metrics, as plain functions and as MLflow evaluation metrics.
+"""Answer-quality and speed metrics, as plain functions (mlflow.models.evaluate is deprecated for LLMs
+in MLflow 3; these are logged with log_metrics, on the run and on each LoggedModel).
 
 Quality is judged on normalised text (lower case, no punctuation, single spaces). The expected
 answer may list accepted aliases separated by ``|`` ("8 | eight"): ``accuracy`` - some alias occurs
@@ -73,38 +74,22 @@ def better(metric: str, a: float, b: float) -> bool:
     return a > b if METRICS[metric] else a < b
 
 
-def mlflow_metrics():
-    """The METRICS as ``mlflow.models.make_metric`` objects for ``mlflow.models.evaluate``.
-
-    Each aggregate is keyed by the metric's own name, so with ``metric_prefix="chat_"`` the run
-    gets ``chat_accuracy`` rather than ``chat_accuracy/mean``.
-    """
-    from mlflow.metrics import MetricValue
-    from mlflow.models import make_metric
-
-    def per_row(fn, name):
-        def eval_fn(predictions, targets, metrics):
-            scores = [fn(p, t) for p, t in zip(predictions, targets, strict=True)]
-            return MetricValue(scores=scores, aggregate_results={name: float(np.mean(scores))})
-
-        return eval_fn
-
-    def latency(q, name):
-        def eval_fn(predictions, targets, metrics, latency_ms):
-            return MetricValue(aggregate_results={name: float(np.percentile(latency_ms, q))})
-
-        return eval_fn
-
-    def tokens_per_s(predictions, targets, metrics, latency_ms, completion_tokens):
-        seconds = float(np.sum(latency_ms)) / 1000
-        return MetricValue(aggregate_results={"tokens_per_s": float(np.sum(completion_tokens)) / max(seconds, 1e-9)})
-
-    fns = {
-        "accuracy": per_row(contains, "accuracy"),
-        "exact_match": per_row(exact, "exact_match"),
-        "f1": per_row(token_f1, "f1"),
-        "latency_p50_ms": latency(50, "latency_p50_ms"),
-        "latency_p95_ms": latency(95, "latency_p95_ms"),
-        "tokens_per_s": tokens_per_s,
+def score_rows(predictions: list[str], expected: list[str]) -> dict[str, list[float]]:
+    """Per-question accuracy, exact match and F1."""
+    pairs = list(zip(predictions, expected, strict=True))
+    return {
+        "accuracy": [contains(p, e) for p, e in pairs],
+        "exact_match": [exact(p, e) for p, e in pairs],
+        "f1": [token_f1(p, e) for p, e in pairs],
     }
-    return [make_metric(eval_fn=fns[name], greater_is_better=METRICS[name], name=name) for name in METRICS]
+
+
+def aggregate(rows: dict[str, list[float]], latency_ms: list[float], completion_tokens: list[int]) -> dict[str, float]:
+    """The METRICS of one model: mean quality, latency percentiles, generated tokens per second."""
+    seconds = float(np.sum(latency_ms)) / 1000
+    return {
+        **{name: float(np.mean(scores)) for name, scores in rows.items()},
+        "latency_p50_ms": float(np.percentile(latency_ms, 50)),
+        "latency_p95_ms": float(np.percentile(latency_ms, 95)),
+        "tokens_per_s": float(np.sum(completion_tokens)) / max(seconds, 1e-9),
+    }

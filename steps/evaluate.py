@@ -15,8 +15,8 @@ Outputs (on the run):
   latency_p95_ms, tokens_per_s), ``agreement`` and ``onnx_accuracy_delta`` (ONNX accuracy minus
   the reference's, the transformers pipeline); tag ``best``; the dataset as an input; artifacts
   ``summary.json`` (per model, and per category when the dataset has a ``category`` column),
-  ``comparison.png``, the side-by-side table ``eval_table.json`` and MLflow's per-model
-  ``<key>_eval_results_table.json``.
+  ``comparison.png`` and the side-by-side table ``eval_table.json``. Each model's metrics are also
+  logged on its LoggedModel (``model_id``), linked to the dataset.
 Checked before any question is asked: every row (non-empty text question, an answer) and that each
 question fits the context of every model evaluated. Answers may list aliases: "8 | eight".
 """
@@ -60,7 +60,7 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
     from phi3mlflow import evaluation as ev
     from phi3mlflow import report, tags
     from phi3mlflow.errors import InputError
-    from phi3mlflow.metrics import agreement, mlflow_metrics
+    from phi3mlflow.metrics import aggregate, agreement, score_rows
     from phi3mlflow.tracking import log_params_once
 
     uris = {k: u.strip() for k, u in (("chat", args.chat_model_uri), ("onnx", args.onnx_model_uri)) if u.strip()}
@@ -89,10 +89,8 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
     models = {}
     with mlflow.start_run():
         log_params_once(vars(args))
-        mlflow.log_input(
-            from_pandas(data, source=str(Path(args.dataset).resolve()), name=Path(args.dataset).stem),
-            context="evaluation",
-        )
+        dataset = from_pandas(data, source=str(Path(args.dataset).resolve()), name=Path(args.dataset).stem)
+        mlflow.log_input(dataset, context="evaluation")
         for key, uri in uris.items():
             print(f"evaluate: {key} model {uri} on {len(questions)} questions", flush=True)
             if args.engine == "spark":
@@ -100,21 +98,20 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
                 answers = spark_scoring.score(spark, key, uri, questions, args.max_new_tokens, args.temperature)
             else:
                 answers = ev.answer_all(callers[key], questions, args.max_new_tokens, args.temperature)
-            scored = data.assign(
-                prediction=[a.text for a in answers],
-                latency_ms=[a.latency_ms for a in answers],
-                # Floats: MLflow's schema inference warns about integer columns that could hold NaN.
-                completion_tokens=[float(a.completion_tokens) for a in answers],
-            )
-            result = mlflow.models.evaluate(
-                data=from_pandas(scored, targets="expected", predictions="prediction", name=f"{key}_predictions"),
-                extra_metrics=mlflow_metrics(),
-                evaluator_config={"metric_prefix": f"{key}_"},
-            )
-            models[key] = Scores(model_uri=uri, **{m: float(result.metrics[f"{key}_{m}"]) for m in METRICS})
-            table[f"{key}_answer"] = scored["prediction"]
-            table[f"{key}_correct"] = result.tables["eval_results_table"][f"{key}_accuracy/score"] == 1.0
-            table[f"{key}_latency_ms"] = scored["latency_ms"].round(2)
+            predictions = [a.text for a in answers]
+            rows = score_rows(predictions, data["expected"].tolist())
+            scores = aggregate(rows, [a.latency_ms for a in answers], [a.completion_tokens for a in answers])
+            models[key] = Scores(model_uri=uri, **scores)
+            mlflow.log_metrics({f"{key}_{m}": v for m, v in scores.items()})
+            if uri.startswith("models:/m-"):
+                # On the logged model too, linked to the dataset: the model page shows them and
+                # mlflow.search_logged_models ranks by them.
+                mlflow.log_metrics(scores, model_id=uri.split("/")[1], dataset=dataset)
+            table[f"{key}_answer"] = predictions
+            table[f"{key}_correct"] = [s == 1.0 for s in rows["accuracy"]]
+            table[f"{key}_f1"] = [round(s, 4) for s in rows["f1"]]
+            table[f"{key}_latency_ms"] = [round(a.latency_ms, 2) for a in answers]
+            table[f"{key}_completion_tokens"] = [a.completion_tokens for a in answers]
         agree = agreement(table["chat_answer"].tolist(), table["onnx_answer"].tolist()) if len(models) == 2 else None
         if agree is not None:
             mlflow.log_metric("agreement", agree)

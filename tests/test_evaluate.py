@@ -75,6 +75,21 @@ def test_summary_table_plot_and_dataset_are_recorded(eval_run, chat_run, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_each_models_metrics_are_on_its_logged_model_linked_to_the_dataset(eval_run):
+    from phi3mlflow.summary import Summary
+
+    run = eval_run.run
+    summary = Summary.from_dict(mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json"))
+    for key, scores in summary.models.items():
+        logged = mlflow.get_logged_model(scores.model_uri.split("/")[1])
+        mine = {m.key: m for m in logged.metrics if m.run_id == run.info.run_id}
+        assert set(mine) == set(metrics.METRICS)
+        assert mine["accuracy"].value == pytest.approx(scores.accuracy)
+        assert mine["accuracy"].dataset_name == "questions" and mine["accuracy"].dataset_digest
+        assert run.data.metrics[f"{key}_accuracy"] == pytest.approx(scores.accuracy)
+
+
 def test_custom_csv_with_other_columns_and_one_model(mlflow_run, int4_run, tmp_path):
     csv = tmp_path / "mine.csv"
     csv.write_text("q,gold\nWhat is the capital of Italy?,Rome\nWhat is the chemical symbol for iron?,Fe\n")

@@ -368,3 +368,11 @@ def test_an_old_gguf_version_is_named_not_called_damaged(tmp_path):
     with pytest.raises(InputError) as e:
         gguf.inspect(old)
     assert "GGUF version 1" in str(e.value) and "damaged" not in str(e.value)
+
+
+def test_rows_and_aggregates_are_the_metrics_evaluate_logs():
+    rows = metrics.score_rows(["It is 8.", "eighteen", "Paris"], ["8 | eight", "8 | eight", "Paris"])
+    assert rows["accuracy"] == [1.0, 0.0, 1.0] and rows["exact_match"] == [0.0, 0.0, 1.0]
+    agg = metrics.aggregate(rows, [10.0, 20.0, 30.0], [3, 4, 5])
+    assert agg["accuracy"] == pytest.approx(2 / 3) and agg["latency_p50_ms"] == 20.0
+    assert agg["tokens_per_s"] == pytest.approx(12 / 0.06) and set(agg) == set(metrics.METRICS)

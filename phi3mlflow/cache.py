@@ -145,8 +145,11 @@ def cached(name: str, key: str, build_fn: Callable[[Path], object], note=None) -
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        # Renaming keeps each file's inode and mtime: remember the digests under the new paths.
+        # Renaming keeps each file's inode and mtime: remember the digests under the new paths, and
+        # forget the temporary ones.
+        stat_cache = _load_stat_cache()
         for rel, digest in json.loads((target / MARKER).read_text())["files"].items():
-            _load_stat_cache()[str((target / rel).resolve())] = [*_stamp((target / rel).stat()), digest]
+            stat_cache.pop(str((tmp / rel).resolve()), None)
+            stat_cache[str((target / rel).resolve())] = [*_stamp((target / rel).stat()), digest]
         _save_stat_cache()
     return target

@@ -376,3 +376,11 @@ def test_rows_and_aggregates_are_the_metrics_evaluate_logs():
     agg = metrics.aggregate(rows, [10.0, 20.0, 30.0], [3, 4, 5])
     assert agg["accuracy"] == pytest.approx(2 / 3) and agg["latency_p50_ms"] == 20.0
     assert agg["tokens_per_s"] == pytest.approx(12 / 0.06) and set(agg) == set(metrics.METRICS)
+
+
+def test_the_digest_memo_forgets_the_temporary_build_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHI3MLFLOW_CACHE", str(tmp_path))
+    monkeypatch.setattr(cache, "_STAT_CACHE", None)
+    entry = cache.cached("memo", "k", lambda out: (out / "w.bin").write_bytes(b"w" * 10))
+    memo = json.loads((tmp_path / "digests.json").read_text())
+    assert str((entry / "w.bin").resolve()) in memo and not any(".build-" in k for k in memo)

@@ -80,6 +80,20 @@ def file_digest(path: str | Path, save: bool = True) -> str:
     return h.hexdigest()
 
 
+def versions(*packages: str) -> str:
+    """``name==version;`` of each installed package (``name missing;`` if not), for cache keys:
+    read from package metadata, so it costs no import of the package."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in packages:
+        try:
+            out.append(f"{name}=={version(name)};")
+        except PackageNotFoundError:
+            out.append(f"{name} missing;")
+    return "".join(out)
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER and "__pycache__" not in p.parts)
 

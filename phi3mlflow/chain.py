@@ -70,17 +70,13 @@ def code_version(root: Path = PROJECT_ROOT) -> str:
     (``mlflow.source.git.commit``). The installed versions of the packages requirements.txt pins
     count too: under ``--env-manager local`` an upgrade changes what the steps produce.
     """
-    from importlib.metadata import PackageNotFoundError, version
+    from phi3mlflow.cache import versions
 
     h = hashlib.sha256()
     files = sorted({f for g in CODE_GLOBS for f in root.glob(g) if f.is_file() and "__pycache__" not in f.parts})
     for f in files:
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-    for name in sorted(requirement_pins()):
-        try:
-            h.update(f"{name}=={version(name)};".encode())
-        except PackageNotFoundError:
-            h.update(f"{name} missing;".encode())
+    h.update(versions(*sorted(requirement_pins())).encode())
     return f"sha256:{h.hexdigest()[:20]}"
 
 
@@ -115,7 +111,6 @@ class StepResult:
 class StepFailed(RuntimeError):
     def __init__(self, name: str, run_id: str | None, cause: str):
         super().__init__(f"step {name} failed (run {run_id or 'unknown'}): {cause}")
-        self.step, self.run_id, self.cause = name, run_id, cause
 
 
 class Chain:

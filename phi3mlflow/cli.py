@@ -156,10 +156,6 @@ def fail(parameter: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def fail_input(e: InputError) -> NoReturn:
-    fail(e.parameter, e.message)
-
-
 def true_false(value: str) -> bool:
     v = str(value).strip().lower()
     if v not in ("true", "false"):

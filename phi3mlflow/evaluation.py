@@ -10,8 +10,8 @@ from pathlib import Path
 
 from phi3mlflow import PROJECT_ROOT
 from phi3mlflow.errors import InputError
-from phi3mlflow.metrics import aliases, better
-from phi3mlflow.summary import Scores, Summary
+from phi3mlflow.metrics import aliases
+from phi3mlflow.summary import Scores, Summary, rank
 
 # Relative to the project, like every path a profile or MLproject default names.
 DEFAULT_DATASET = "data/questions.jsonl"
@@ -201,14 +201,7 @@ def answer_all(caller, questions: list[str], max_new_tokens: int, temperature: f
 
 def choose_best(models: dict[str, Scores], metric: str) -> str:
     """The key of the best model on ``metric``; ties go to the lower p50 latency."""
-    best = None
-    for key, m in models.items():
-        if best is None or better(metric, m[metric], models[best][metric]):
-            best = key
-        elif m[metric] == models[best][metric] and m.latency_p50_ms < models[best].latency_p50_ms:
-            best = key
-    assert best is not None, "no models to choose from"
-    return best
+    return rank(models, metric)[0]
 
 
 REFERENCE = "chat"

@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3mlflow.cache import cached, file_digest
+from phi3mlflow.cache import cached, file_digest, versions
 from phi3mlflow.errors import InputError
 from phi3mlflow.progress import stage
 
@@ -339,8 +339,7 @@ def cache_key(path: Path) -> str:
     h = hashlib.sha256()
     h.update(file_digest(path).encode() + b"\0")
     h.update(Path(__file__).read_bytes())
-    for package in _KEY_PACKAGES:
-        h.update(f"{package}={importlib.metadata.version(package)};".encode())
+    h.update(versions(*_KEY_PACKAGES).encode())
     return h.hexdigest()[:16]
 
 

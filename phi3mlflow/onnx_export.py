@@ -16,7 +16,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from phi3mlflow.cache import cached, tree_digest
+from phi3mlflow.cache import cached, tree_digest, versions
 
 PRECISIONS = ("fp32", "int8", "int4")
 
@@ -46,12 +46,10 @@ def export(source: str | Path, precision: str) -> Path:
     of output go to :func:`log_path` of the folder (onnx_wrapper logs it as an artifact), not to
     the console; a failure still shows its last lines.
     """
-    from importlib.metadata import version
-
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     source = Path(source)
-    blob = f"{tree_digest(source)};{precision};onnxruntime-genai={version('onnxruntime-genai')}"
+    blob = f"{tree_digest(source)};{precision};{versions('onnxruntime-genai')}"
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     name = f"onnx-{precision}"

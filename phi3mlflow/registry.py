@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from phi3mlflow import tags
 from phi3mlflow.errors import InputError
 from phi3mlflow.metrics import METRICS, better
-from phi3mlflow.summary import Summary
+from phi3mlflow.summary import Summary, rank
 
 EVAL_RUN_TAG = tags.SOURCE_EVAL_RUN
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
@@ -79,9 +79,7 @@ class Choice:
 
 def ranked(summary: Summary) -> list[str]:
     """Candidates best first by the selected metric; ties go to the lower p50 latency."""
-    metric, models = summary.metric, summary.models
-    sign = 1 if METRICS[metric] else -1
-    return sorted(models, key=lambda k: (-sign * models[k][metric], models[k].latency_p50_ms))
+    return rank(summary.models, summary.metric)
 
 
 def goals_failed(summary: Summary, key: str, min_accuracy: float, max_accuracy_drop: float) -> str | None:

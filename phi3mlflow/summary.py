@@ -31,6 +31,12 @@ class Scores:
         return getattr(self, metric)
 
 
+def rank(models: dict[str, Scores], metric: str) -> list[str]:
+    """Candidate keys best first by ``metric``; ties go to the lower p50 latency."""
+    sign = 1 if METRICS[metric] else -1
+    return sorted(models, key=lambda k: (-sign * models[k][metric], models[k].latency_p50_ms))
+
+
 @dataclass
 class Summary:
     metric: str  # the selected metric (METRICS)

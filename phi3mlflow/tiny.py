@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3mlflow import DATA_DIR
-from phi3mlflow.cache import cached
+from phi3mlflow.cache import cached, versions
 from phi3mlflow.progress import bar, stage
 
 BUILTIN_MODEL = "builtin:tiny-phi3"
@@ -60,15 +60,11 @@ def load_questions(path: Path = TRAINING_DATA) -> list[dict]:
 
 
 def cache_key() -> str:
-    from importlib.metadata import version
-
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
     h.update(TRAINING_DATA.read_bytes())
     h.update(json.dumps(HPARAMS, sort_keys=True).encode())
-    # Versions from package metadata: reading them must not cost a torch import.
-    for name in ("torch", "transformers", "tokenizers"):
-        h.update(f"{name}={version(name)};".encode())
+    h.update(versions("torch", "transformers", "tokenizers").encode())
     return h.hexdigest()[:16]
 
 

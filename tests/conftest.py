@@ -58,6 +58,16 @@ def post(url: str, payload) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to the server's process group; SIGKILL if it is still there after ``timeout`` s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextlib.contextmanager
 def serving(model_uri: str, log_path: Path, env: dict | None = None):
     """``mlflow models serve`` of ``model_uri`` on a free loopback port; yields its base URL and
@@ -74,12 +84,7 @@ def serving(model_uri: str, log_path: Path, env: dict | None = None):
         wait_for(f"{base}/ping", proc, log_path)
         yield base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc, timeout=30)
         log.close()
 
 
@@ -140,26 +145,11 @@ def tracking_uri(tmp_path_factory, model_cache):
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_for(f"{uri}/health", proc, root / "server.log")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["PHI3_TEST_ARTIFACT_ROOT"] = str(root / "artifacts")
     yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop(proc, timeout=20)
     log.close()
 
 

@@ -284,11 +284,11 @@ def register_champion(s: Setup) -> str:
     data = s.tmp / "two.jsonl"
     data.write_text("\n".join((PROJECT_ROOT / "data/questions.jsonl").read_text().splitlines()[:2]) + "\n")
     # Through each step's own parser, so the steps' defaults fill what is not given here.
-    evaluate.main(evaluate.parse_args(["--onnx_model_uri", s.uris["int4"], "--dataset", str(data),
-                                       "--max_new_tokens", str(s.new_tokens)]))  # fmt: skip
+    evaluate.main(evaluate.parse_args(["--onnx_model_uris", s.uris["int4"], "--dataset", str(data),
+                                       "--max_new_tokens", str(s.new_tokens), "--min_accuracy", "0"]))  # fmt: skip
     eval_run = mlflow.last_active_run()
     register.main(register.parse_args(["--eval_run_id", eval_run.info.run_id, "--registered_model_name",
-                                       "bench-champion", "--min_accuracy", "0", "--force", "true"]))  # fmt: skip
+                                       "bench-champion", "--force", "true"]))  # fmt: skip
     return "models:/bench-champion@champion"
 
 

@@ -17,11 +17,13 @@ from phi3mlflow.tracking import requirement_pins
 
 # What a profile may set, and so what the chain passes on; main's CLI overrides any of them.
 PROFILE_KEYS = (
-    "model", "trust_remote_code", "precision", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens",
+    "model", "trust_remote_code", "precisions", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens",
     "temperature", "dataset", "question_column", "answer_column", "select_metric", "engine", "registered_model_name",
     "alias", "min_accuracy", "max_accuracy_drop", "force", "use_cache", "max_prompts_per_request",
     "max_total_new_tokens",
 )  # fmt: skip
+# Keys renamed after profiles were in use: the error names the new spelling.
+RENAMED = {"precision": "precisions (a comma-separated list)"}
 # Keys added after profiles were in use: a profile without them gets the step's own default
 # (main fills it in from the parser of the step the key is wired to).
 OPTIONAL_KEYS = ("max_accuracy_drop", "max_prompts_per_request", "max_total_new_tokens")
@@ -48,7 +50,8 @@ def load_profile(path: str) -> dict:
         raise InputError("params_file", f"{path} must be a mapping of parameter names to values")
     unknown = sorted(set(profile) - set(PROFILE_KEYS))
     if unknown:
-        raise InputError("params_file", f"{path} sets unknown parameters {unknown}")
+        hints = "".join(f"; {k} is now {RENAMED[k]}" for k in unknown if k in RENAMED)
+        raise InputError("params_file", f"{path} sets unknown parameters {unknown}{hints}")
     missing = sorted(set(PROFILE_KEYS) - set(profile) - set(OPTIONAL_KEYS))
     if missing:
         raise InputError("params_file", f"{path} lacks {missing}")
@@ -149,21 +152,25 @@ class Chain:
         )
         return runs[0] if runs else None
 
-    def run(self, name: str, params: dict, cacheable: bool = True) -> StepResult:
-        """Run entry point ``name`` (or reuse a finished run); ``cacheable=False`` for side effects."""
+    def run(self, name: str, params: dict, cacheable: bool = True, label: str | None = None) -> StepResult:
+        """Run entry point ``name`` (or reuse a finished run); ``cacheable=False`` for side effects.
+
+        ``label`` names the child on the parent (tags ``child.<label>.*``) when an entry point runs
+        more than once in a chain (``onnx_wrapper.int4``); it defaults to ``name``."""
         import mlflow
         from mlflow.exceptions import ExecutionException
 
+        label = label or name
         params = {k: str(v) for k, v in params.items()}
         inputs = self.inputs(params)
         key = cache_key(name, params, self.code, inputs)
         if cacheable and self.use_cache and (hit := self.find_reusable(key)):
             problem = outputs_missing(self.client, name, hit)
             if problem is None:
-                print(f"main: {name}: reusing finished run {hit.info.run_id}", flush=True)
-                return self._record(StepResult(name, hit.info.run_id, True))
-            print(f"main: {name}: not reusing run {hit.info.run_id}: {problem}; running again", flush=True)
-        print(f"main: {name}: running with {params}", flush=True)
+                print(f"main: {label}: reusing finished run {hit.info.run_id}", flush=True)
+                return self._record(StepResult(label, hit.info.run_id, True))
+            print(f"main: {label}: not reusing run {hit.info.run_id}: {problem}; running again", flush=True)
+        print(f"main: {label}: running with {params}", flush=True)
         try:
             submitted = mlflow.run(
                 str(PROJECT_ROOT),
@@ -181,13 +188,13 @@ class Chain:
                 self.client.set_terminated(failed.info.run_id, "FAILED")
             if not isinstance(e, ExecutionException):
                 cause = cause.strip().splitlines()[0] if cause.strip() else type(e).__name__
-            raise StepFailed(name, failed.info.run_id if failed else None, cause) from None
+            raise StepFailed(label, failed.info.run_id if failed else None, cause) from None
         run_tags = {tags.CODE_VERSION: self.code, **{tags.INPUT_DIGEST + k: v for k, v in inputs.items()}}
         if cacheable:
             run_tags[tags.CACHE_KEY] = key
         for k, v in run_tags.items():
             self.client.set_tag(submitted.run_id, k, v)
-        return self._record(StepResult(name, submitted.run_id, False))
+        return self._record(StepResult(label, submitted.run_id, False))
 
     def _latest_child(self, name: str):
         runs = self.client.search_runs(

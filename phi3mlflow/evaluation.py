@@ -3,7 +3,9 @@ model through its own MLflow interface, and choosing the winner."""
 
 from __future__ import annotations
 
+import abc
 import sys
+from collections.abc import Mapping
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 from phi3mlflow import PROJECT_ROOT
 from phi3mlflow.errors import InputError
 from phi3mlflow.metrics import aliases
-from phi3mlflow.summary import Scores, Summary, rank
+from phi3mlflow.summary import Candidate
 
 # Relative to the project, like every path a profile or MLproject default names.
 DEFAULT_DATASET = "data/questions.jsonl"
@@ -72,27 +74,61 @@ def load_dataset(path: str, question_column: str, answer_column: str):
     return out
 
 
-def check_model_uri(key: str, uri: str) -> None:
-    """Resolve ``uri`` (reads only its MLmodel) and check it is the kind of model ``key`` expects."""
-    import mlflow
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to evaluate, as named on the command line and as its logging run tagged it."""
 
-    param = f"{key}_model_uri"
+    key: str  # chat, or onnx_<precision>: the candidate's name in metrics, tables and summary.json
+    wrapper: str  # chat or onnx
+    precision: str
+    uri: str
+    model_id: str | None  # the LoggedModel's ID, when the URI resolves to one
+
+
+def check_model_uri(param: str, wrapper: str, uri: str) -> ModelRef:
+    """Resolve ``uri`` (reads only its MLmodel and its run's tags) and check it is a ``wrapper`` model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from phi3mlflow import tags
+
     try:
         info = mlflow.models.get_model_info(uri)
     except Exception as e:  # noqa: BLE001 - any failure to resolve is the user's URI
         raise InputError(param, f"cannot resolve {uri!r}: {str(e).splitlines()[0][:200]}") from None
     inputs = info.signature.inputs.input_names() if info.signature else []
-    if INPUT_FIELD[key] not in inputs:
-        _fail(
-            param, f"{uri} takes {inputs or 'no declared inputs'}, not {INPUT_FIELD[key]!r}: is it the right wrapper?"
-        )
+    if INPUT_FIELD[wrapper] not in inputs:
+        takes = inputs or "no declared inputs"
+        _fail(param, f"{uri} takes {takes}, not {INPUT_FIELD[wrapper]!r}: is it the right wrapper?")
+    run_tags: dict = {}
+    if info.run_id:
+        try:
+            run_tags = mlflow.MlflowClient().get_run(info.run_id).data.tags
+        except MlflowException:
+            pass  # a model whose run is gone still evaluates; it is named by position
+    precision = "fp32" if wrapper == "chat" else run_tags.get(tags.PRECISION, "unknown")
+    key = "chat" if wrapper == "chat" else f"onnx_{precision}"
+    return ModelRef(key, wrapper, precision, uri, getattr(info, "model_id", None))
 
 
-@dataclass
-class Answer:
-    text: str
-    latency_ms: float
-    completion_tokens: int
+def check_candidates(chat_uri: str, onnx_uris: str) -> list[ModelRef]:
+    """The models to evaluate: the transformers reference (if given) and every ONNX model, each
+    resolved and named; ONNX models of the same precision are numbered (onnx_int4, onnx_int4_2)."""
+    onnx = [u.strip() for u in onnx_uris.split(",") if u.strip()]
+    if not chat_uri.strip() and not onnx:
+        _fail("chat_model_uri", "give chat_model_uri, onnx_model_uris or both")
+    dupes = sorted({u for u in onnx if onnx.count(u) > 1})
+    if dupes:
+        _fail("onnx_model_uris", f"{dupes[0]} is listed more than once")
+    refs = [check_model_uri("chat_model_uri", "chat", chat_uri.strip())] if chat_uri.strip() else []
+    for uri in onnx:
+        ref = check_model_uri("onnx_model_uris", "onnx", uri)
+        taken = {r.key for r in refs}
+        key, n = ref.key, 2
+        while key in taken:
+            key, n = f"{ref.key}_{n}", n + 1
+        refs.append(ModelRef(key, ref.wrapper, ref.precision, ref.uri, ref.model_id))
+    return refs
 
 
 def chat_request(question: str, max_new_tokens: int, temperature: float) -> dict:
@@ -110,20 +146,71 @@ def _fresh(path: str | None) -> str | None:
     return path
 
 
-class ChatCaller:
-    """The llm/v1/chat model, called with an OpenAI-style chat request as a user would."""
+@dataclass
+class Answer:
+    text: str
+    latency_ms: float
+    completion_tokens: int
+    prompt_tokens: int | None = None
+    ttft_ms: float | None = None  # time to the first streamed text; None where the wrapper cannot stream
 
-    key = "chat"
 
-    def __init__(self, uri: str, dst_path: str | None = None):
+class Caller(abc.ABC):
+    """One candidate, called as a user would, each request leaving an MLflow trace (when a
+    tracking store is active): a root span for the question, a ``chat_template`` span and a
+    ``generate`` span with prompt and completion token counts and, where the wrapper streams, the
+    time to the first token. The trace is linked to the candidate's LoggedModel."""
+
+    def __init__(self, ref: ModelRef, dst_path: str | None = None):
         import mlflow
+
+        self.ref, self.key = ref, ref.key
+        self.model = mlflow.pyfunc.load_model(ref.uri, dst_path=_fresh(dst_path))
+        self.context_length: int | None = None
+
+    @abc.abstractmethod
+    def prompt_tokens(self, question: str) -> int:
+        """Tokens of the question as the model sees it, chat template applied."""
+
+    @abc.abstractmethod
+    def generate(self, question: str, max_new_tokens: int, temperature: float) -> tuple[str, int, float | None]:
+        """(text, completion tokens, ms to the first token or None)."""
+
+    def __call__(self, question: str, max_new_tokens: int, temperature: float) -> Answer:
+        import mlflow
+        from mlflow.entities import SpanType
+
+        start = time.perf_counter()
+        with mlflow.start_span(name=f"answer {self.key}", span_type=SpanType.CHAT_MODEL) as root:
+            root.set_inputs({"question": question, "max_new_tokens": max_new_tokens, "temperature": temperature})
+            root.set_attributes({"candidate": self.key, "model_uri": self.ref.uri})
+            with mlflow.start_span(name="chat_template", span_type=SpanType.PARSER) as span:
+                n_prompt = self.prompt_tokens(question)
+                span.set_attributes({"prompt_tokens": n_prompt})
+            with mlflow.start_span(name="generate", span_type=SpanType.LLM) as span:
+                span.set_inputs({"question": question})
+                text, n_completion, ttft_ms = self.generate(question, max_new_tokens, temperature)
+                span.set_outputs({"text": text})
+                span.set_attributes({"prompt_tokens": n_prompt, "completion_tokens": n_completion})
+                if ttft_ms is not None:
+                    span.set_attribute("ttft_ms", round(ttft_ms, 3))
+            root.set_outputs({"answer": text})
+        ms = (time.perf_counter() - start) * 1000
+        return Answer(text, ms, n_completion, n_prompt, ttft_ms)
+
+
+class ChatCaller(Caller):
+    """The llm/v1/chat model, called with an OpenAI-style chat request. The flavor applies the
+    chat template itself and cannot stream: the template span applies it apart to count the tokens."""
+
+    def __init__(self, ref: ModelRef, dst_path: str | None = None):
         from transformers.utils import logging as hf_logging
 
         # Counting a too-long question's tokens is our context check, not a mistake to warn about;
         # the weight-loading bar is noise in a step's log.
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self.model = mlflow.pyfunc.load_model(uri, dst_path=_fresh(dst_path))
+        super().__init__(ref, dst_path)
         pipe = self.model.get_raw_model()
         self.tokenizer = pipe.tokenizer
         self.context_length = int(getattr(pipe.model.config, "max_position_embeddings", 0) or 0) or None
@@ -131,38 +218,39 @@ class ChatCaller:
     def prompt_tokens(self, question: str) -> int:
         messages = chat_request(question, 1, 0.0)["messages"]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+        # transformers 5 returns a BatchEncoding (a Mapping, not a dict): its len() is its number of keys.
+        return len(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
-    def __call__(self, question: str, max_new_tokens: int, temperature: float) -> Answer:
-        request = chat_request(question, max_new_tokens, temperature)
-        start = time.perf_counter()
-        [out] = self.model.predict(request)
-        ms = (time.perf_counter() - start) * 1000
-        return Answer(out["choices"][0]["message"]["content"], ms, int(out["usage"]["completion_tokens"]))
+    def generate(self, question: str, max_new_tokens: int, temperature: float):
+        [out] = self.model.predict(chat_request(question, max_new_tokens, temperature))
+        return out["choices"][0]["message"]["content"], int(out["usage"]["completion_tokens"]), None
 
 
-class OnnxCaller:
-    """The ONNX pyfunc, called with ``{"prompt": ...}`` and generation params as a user would."""
+class OnnxCaller(Caller):
+    """The ONNX pyfunc, called with ``{"prompt": ...}`` and generation params as a user would, and
+    streamed, so that the time to the first token is measured."""
 
-    key = "onnx"
-
-    def __init__(self, uri: str, dst_path: str | None = None):
-        import mlflow
-
-        self.model = mlflow.pyfunc.load_model(uri, dst_path=_fresh(dst_path))
-        # The pyfunc returns text only; its own tokenizer counts the generated tokens.
+    def __init__(self, ref: ModelRef, dst_path: str | None = None):
+        super().__init__(ref, dst_path)
+        # The pyfunc returns text only; its own tokenizer counts the tokens.
         self.chat = self.model.unwrap_python_model().chat
         self.context_length = self.chat.context_length
 
     def prompt_tokens(self, question: str) -> int:
         return self.chat.prompt_tokens(question)
 
-    def __call__(self, question: str, max_new_tokens: int, temperature: float) -> Answer:
+    def generate(self, question: str, max_new_tokens: int, temperature: float):
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
-        start = time.perf_counter()
-        [text] = self.model.predict({"prompt": question}, params=params)
-        ms = (time.perf_counter() - start) * 1000
-        return Answer(text, ms, self.chat.completion_tokens(text, max_new_tokens))
+        start, first, chunks = time.perf_counter(), None, []
+        for chunk in self.model.predict_stream({"prompt": question}, params=params):
+            if first is None:
+                first = (time.perf_counter() - start) * 1000
+            chunks.append(chunk)
+        text = "".join(chunks)
+        return text, self.chat.completion_tokens(text, max_new_tokens), first
+
+
+CALLERS = {"chat": ChatCaller, "onnx": OnnxCaller}
 
 
 def check_fits(callers: list, questions: list[str], dataset: str, max_new_tokens: int) -> None:
@@ -199,40 +287,25 @@ def answer_all(caller, questions: list[str], max_new_tokens: int, temperature: f
     return answers
 
 
-def choose_best(models: dict[str, Scores], metric: str) -> str:
-    """The key of the best model on ``metric``; ties go to the lower p50 latency."""
-    return rank(models, metric)[0]
-
-
 REFERENCE = "chat"
 
 
-def summary(models: dict[str, Scores], metric: str, agreement: float | None, categories: dict | None = None) -> Summary:
-    """What register reads. The transformers pipeline is the reference: every other model records
-    its accuracy difference to it (``accuracy_delta``, negative when it loses accuracy)."""
-    reference = REFERENCE if REFERENCE in models else None
-    if reference:
-        for key, m in models.items():
-            if key != reference:
-                m.accuracy_delta = m.accuracy - models[reference].accuracy
-    return Summary(metric, choose_best(models, metric), reference, agreement, models, categories or {})
-
-
-def plot(models: dict[str, Scores]):
-    """Accuracy and latency side by side, as a matplotlib figure for mlflow.log_figure."""
+def plot(candidates: list[Candidate]):
+    """Accuracy and latency of every candidate side by side, as a matplotlib figure for mlflow.log_figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(models)
-    colors = ["#4C72B0", "#DD8452"][: len(keys)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.5))
-    ax1.bar(keys, [models[k].accuracy for k in keys], color=colors)
+    keys = [c.key for c in candidates]
+    palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
+    colors = [palette[i % len(palette)] for i in range(len(keys))]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 1.5 * len(keys), 3.5))
+    ax1.bar(keys, [c.accuracy for c in candidates], color=colors)
     ax1.set_ylim(0, 1.05)
     ax1.set_title("accuracy (higher is better)")
-    p50 = [models[k].latency_p50_ms for k in keys]
-    p95 = [models[k].latency_p95_ms for k in keys]
+    p50 = [c.latency_p50_ms for c in candidates]
+    p95 = [c.latency_p95_ms for c in candidates]
     ax2.bar(keys, p50, color=colors, label="p50")
     ax2.scatter(keys, p95, color="black", marker="_", s=400, label="p95", zorder=3)
     ax2.set_title("latency per question, ms (lower is better)")

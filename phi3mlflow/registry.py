@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from phi3mlflow import tags
 from phi3mlflow.errors import InputError
 from phi3mlflow.metrics import METRICS, better
-from phi3mlflow.summary import Summary, rank
+from phi3mlflow.summary import Summary
 
 EVAL_RUN_TAG = tags.SOURCE_EVAL_RUN
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
@@ -70,45 +70,21 @@ class Decision:
 
 @dataclass
 class Choice:
-    """The candidate register promotes: the best by the selected metric among those meeting the goals."""
+    """The candidate register promotes: evaluate's winner, and whether it meets the goals."""
 
     key: str
     passes: bool
     reason: str
 
 
-def ranked(summary: Summary) -> list[str]:
-    """Candidates best first by the selected metric; ties go to the lower p50 latency."""
-    return rank(summary.models, summary.metric)
-
-
-def goals_failed(summary: Summary, key: str, min_accuracy: float, max_accuracy_drop: float) -> str | None:
-    """Why candidate ``key`` misses the profile's goals, or None."""
-    m = summary.models[key]
-    if m.accuracy < min_accuracy:
-        return f"{key} accuracy {m.accuracy:.4g} is below min_accuracy {min_accuracy:.4g}"
-    ref = summary.reference
-    if ref and key != ref and ref in summary.models:
-        drop = summary.models[ref].accuracy - m.accuracy
-        if drop > max_accuracy_drop + 1e-9:
-            return (
-                f"{key} loses {drop:.4g} accuracy against the reference {ref} "
-                f"({m.accuracy:.4g} vs {summary.models[ref].accuracy:.4g}), more than max_accuracy_drop "
-                f"{max_accuracy_drop:.4g}"
-            )
-    return None
-
-
-def choose(summary: Summary, min_accuracy: float, max_accuracy_drop: float) -> Choice:
-    order = ranked(summary)
-    refused: list[str] = []
-    for key in order:
-        why = goals_failed(summary, key, min_accuracy, max_accuracy_drop)
-        if why is None:
-            lead = f"{key} is the best by {summary.metric} that meets the goals"
-            return Choice(key, True, lead + (f" ({'; '.join(refused)})" if refused else ""))
-        refused.append(why)
-    return Choice(order[0], False, "; ".join(refused))
+def choose(summary: Summary) -> Choice:
+    """The candidate evaluate chose (the best by the selected metric that meets the goals), with the reason."""
+    winner = summary[summary.winner]
+    if not winner.meets_goals:
+        return Choice(winner.key, False, "; ".join(c.missed for c in summary.candidates))
+    refused = [c.missed for c in summary.candidates if c.rank < winner.rank]
+    lead = f"{winner.key} is the best by {summary.metric} that meets the goals"
+    return Choice(winner.key, True, lead + (f" ({'; '.join(refused)})" if refused else ""))
 
 
 def gate(
@@ -148,11 +124,12 @@ def gate(
 
 
 def version_tags(summary: Summary, key: str, eval_run_id: str, source_tags: dict, git_commit: str | None) -> dict:
-    best = summary.models[key]
+    best = summary[key]
     out = {
         EVAL_RUN_TAG: eval_run_id,
-        tags.WRAPPER: key,
-        tags.PRECISION: source_tags.get(tags.PRECISION, "fp32" if key == "chat" else "unknown"),
+        tags.CANDIDATE: key,
+        tags.WRAPPER: best.wrapper,
+        tags.PRECISION: best.precision,
         tags.SOURCE_MODEL: source_tags.get(tags.SOURCE_MODEL, ""),
         "selected_metric": summary.metric,
         **{f"metric.{m}": f"{stored(best[m]):.6g}" for m in METRICS},
@@ -164,9 +141,9 @@ def version_tags(summary: Summary, key: str, eval_run_id: str, source_tags: dict
 
 def describe(summary: Summary, key: str, version_tags: dict, eval_run_id: str, name: str, version: str) -> str:
     """The version's description: what it is, how to call it, then where it came from and how it scored."""
-    best = summary.models[key]
+    best = summary[key]
     uri = f"models:/{name}/{version}"
-    if key == "chat":
+    if best.wrapper == "chat":
         lead = (
             "Transformers chat pipeline (llm/v1/chat): OpenAI chat requests in, chat.completion out. "
             f"""Call: mlflow.pyfunc.load_model("{uri}")"""
@@ -205,8 +182,8 @@ def source_run_tags(client, model_uri: str) -> dict:
         return {}
 
 
-def find_version(client, name: str, eval_run_id: str, wrapper: str | None = None):
-    """The version already registered from this evaluation run for ``wrapper``, if any (the newest)."""
+def find_version(client, name: str, eval_run_id: str, candidate: str | None = None):
+    """The version already registered from this evaluation run for ``candidate``, if any (the newest)."""
     from mlflow.exceptions import MlflowException
 
     literal = quoted(name)
@@ -215,7 +192,7 @@ def find_version(client, name: str, eval_run_id: str, wrapper: str | None = None
         found = client.search_model_versions(f"name = {literal} and {by_tag}" if literal else by_tag)
     except MlflowException:
         return None
-    found = [v for v in found if v.name == name and (wrapper is None or v.tags.get(tags.WRAPPER) == wrapper)]
+    found = [v for v in found if v.name == name and (candidate is None or v.tags.get(tags.CANDIDATE) == candidate)]
     return max(found, key=lambda v: int(v.version)) if found else None
 
 

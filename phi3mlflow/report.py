@@ -28,19 +28,29 @@ def main_run_name(params_file: str, overrides: dict[str, str]) -> str:
 
 
 def verdict(summary: Summary) -> str:
-    """Who won the evaluation and why, with the numbers; says so when latency broke a tie."""
-    metric, models, best = summary.metric, summary.models, summary.best
-    others = [k for k in models if k != best]
-    if not others:
-        return f"{best} alone: {metric} {models[best][metric]:.4g}"
-    other = others[0]
-    mine, theirs = models[best][metric], models[other][metric]
-    if mine == theirs:
-        return (
-            f"{best} and {other} tie on {metric} ({mine:.4g}); decided by p50 latency "
-            f"({models[best].latency_p50_ms:.0f} ms vs {models[other].latency_p50_ms:.0f} ms)"
+    """Who won the evaluation and why, with the numbers: says so when latency broke a tie, and
+    names every candidate the goals refused."""
+    metric, winner = summary.metric, summary[summary.winner]
+    refused = "; ".join(c.missed for c in summary.candidates if not c.meets_goals)
+    if not winner.meets_goals:
+        return f"no candidate meets the goals ({refused}); the best by {metric} is {winner.key}"
+    if len(summary.candidates) == 1:
+        return f"{winner.key} alone: {metric} {winner[metric]:.4g}"
+    eligible = [c for c in summary.candidates if c.meets_goals and c is not winner]
+    tied = [c for c in eligible if c[metric] == winner[metric]]
+    if tied:
+        names = [winner.key, *(c.key for c in tied)]
+        times = ", ".join(f"{c.latency_p50_ms:.0f} ms" for c in tied)
+        text = (
+            f"{', '.join(names[:-1])} and {names[-1]} tie on {metric} ({winner[metric]:.4g}); decided by p50 latency "
+            f"({winner.latency_p50_ms:.0f} ms vs {times})"
         )
-    return f"{best} wins on {metric}: {mine:.4g} vs {other} {theirs:.4g}"
+    elif eligible:
+        runner = eligible[0]
+        text = f"{winner.key} wins on {metric}: {winner[metric]:.4g} vs {runner.key} {runner[metric]:.4g}"
+    else:
+        text = f"{winner.key} is the only candidate that meets the goals ({metric} {winner[metric]:.4g})"
+    return f"{text}; refused: {refused}" if refused else text
 
 
 def call_command(registered_model: str, alias: str, wrapper: str) -> list[str]:

@@ -18,7 +18,7 @@ import sys
 import time
 
 from phi3mlflow.errors import InputError
-from phi3mlflow.evaluation import Answer, OnnxCaller, chat_request
+from phi3mlflow.evaluation import Answer, ModelRef, OnnxCaller, chat_request
 
 
 def check_available() -> None:
@@ -70,13 +70,14 @@ def _chat_partitions(uri: str, max_new_tokens: int, temperature: float):
     return score
 
 
-def score(spark, key: str, uri: str, questions: list[str], max_new_tokens: int, temperature: float) -> list[Answer]:
-    """Answer every question with the model at ``uri`` on ``spark``; answers in question order."""
+def score(spark, ref: ModelRef, questions: list[str], max_new_tokens: int, temperature: float) -> list[Answer]:
+    """Answer every question with the model ``ref`` names on ``spark``; answers in question order."""
     import mlflow
 
+    uri = ref.uri
     df = _frame(spark, questions)
     start = time.perf_counter()
-    if key == "onnx":
+    if ref.wrapper == "onnx":
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
         # A batch job, not a served request: lift the per-request caps to the whole question set.
         caps = {"max_prompts_per_request": len(questions), "max_total_new_tokens": len(questions) * max_new_tokens}
@@ -90,9 +91,9 @@ def score(spark, key: str, uri: str, questions: list[str], max_new_tokens: int, 
         rows = df.mapInPandas(fn, schema="idx long, text string, completion_tokens long").toPandas()
     per_row_ms = (time.perf_counter() - start) * 1000 / len(questions)
     rows = rows.sort_values("idx")
-    if key == "onnx":
+    if ref.wrapper == "onnx":
         # As the local engine counts: the ONNX model's own rule.
-        chat = OnnxCaller(uri).chat
+        chat = OnnxCaller(ref).chat
         counts = [chat.completion_tokens(t, max_new_tokens) for t in rows["text"]]
     else:
         counts = rows["completion_tokens"].tolist()

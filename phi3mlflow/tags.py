@@ -19,10 +19,11 @@ BEST = "best"  # the best candidate by the selected metric, before the goals
 # register runs (and main, which reads the registry again at its end)
 REGISTERED_MODEL = "registered_model"
 REGISTERED_VERSION = "registered_version"
-WINNER = "winner"  # the candidate registered: the best that meets the goals
+WINNER = "winner"  # the best candidate that meets the goals (else the best): what register registers
 ALIAS_MOVED = "alias_moved"  # true or false
 ALIAS_REASON = "alias_reason"
 CHAMPION_VERSION = "champion_version"  # the version the alias points to when the step or chain ended
 
 # Registered versions
+CANDIDATE = "candidate"  # the evaluation's candidate key it was registered as (chat, onnx_int4, ...)
 SOURCE_EVAL_RUN = "source_eval_run"  # the evaluation a version was registered from (once per evaluation)

@@ -2,21 +2,24 @@
 
 Inputs (flags, spelled like the MLproject parameters):
   --params_file  the profile (default params/tiny.yaml); the only place params/*.yaml is read
-  --model, --precision, --onnx_model_dir, --serve_max_new_tokens, --max_new_tokens, --temperature, --engine,
+  --precisions   comma-separated ONNX precisions to compare (fp32, int8, int4), e.g. fp32,int8,int4
+  --model, --onnx_model_dir, --serve_max_new_tokens, --max_new_tokens, --temperature, --engine,
   --registered_model_name, --min_accuracy, --max_accuracy_drop, --use_cache
                  overrides of the profile's values; empty means "as in the profile"
-Children (nested runs, each started with mlflow.run and the parent's env manager):
+Children (nested runs, each started with mlflow.run and the parent's env manager, one at a time:
+an export or an evaluation already uses every core, so running two at once only makes each slower):
   pipeline_wrapper(model, serve_max_new_tokens, temperature, trust_remote_code)
-  onnx_wrapper(model, precision, onnx_model_dir, serve_max_new_tokens, temperature)
-  evaluate(both model URIs, dataset, max_new_tokens, temperature, select_metric, engine)
-  register(the evaluate run, registered_model_name, alias, min_accuracy, max_accuracy_drop, force)
+  onnx_wrapper(model, precision, onnx_model_dir, serve_max_new_tokens, temperature), once per precision
+  evaluate(every model URI, dataset, max_new_tokens, temperature, select_metric, min_accuracy,
+           max_accuracy_drop, engine): the candidates ranked, the winner chosen
+  register(the evaluate run, registered_model_name, alias, force)
 A child is reused when a FINISHED run of it had the same parameters, the same code (content hash)
 and the same content in every file or folder its parameters name (dataset, model folder or GGUF
 file, ONNX folder), and its outputs still resolve. register changes the registry, so it always runs.
 Logged on the parent: every effective value as ``effective.<name>``, tags child.<step>.run_id and
-child.<step>.cache (run/reused), registered_version, winner, alias_moved, champion_version (read
-from the registry when the chain ends), phi3.error when a step fails or the chain is cancelled,
-and the evaluation's metrics.
+child.<step>.cache (run/reused; the ONNX children as onnx_wrapper.<precision>), registered_version,
+winner, alias_moved, champion_version (read from the registry when the chain ends), phi3.error
+when a step fails or the chain is cancelled, and the evaluation's metrics.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import argparse
 from phi3mlflow.chain import OPTIONAL_KEYS, PROFILE_KEYS
 from phi3mlflow.cli import StepParser, fail, run_main, true_false
 
-OVERRIDES = ("model", "precision", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens", "temperature", "engine",
+OVERRIDES = ("model", "precisions", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens", "temperature", "engine",
              "registered_model_name", "min_accuracy", "max_accuracy_drop", "use_cache")  # fmt: skip
 
 
@@ -35,7 +38,33 @@ def parse_args(argv=None):
     p.add_argument("--params_file", default="params/tiny.yaml")
     for name in OVERRIDES:
         p.add_argument(f"--{name}", default="")
-    return p.parse_args(argv)
+    # The single-precision spelling of earlier versions, so that a scheduled job using it is told what changed.
+    p.add_argument("--precision", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.precision is not None:
+        fail("precision", f"renamed to precisions (a comma-separated list): -P precisions={args.precision}")
+    return args
+
+
+def parse_precisions(value: str, onnx_model_dir: str) -> list[str]:
+    """``fp32,int8,int4`` -> the ONNX candidates' precisions, each known and named once."""
+    from phi3mlflow.errors import InputError
+    from phi3mlflow.onnx_export import PRECISIONS
+
+    given = [p.strip() for p in value.split(",")]
+    if not any(given):
+        raise InputError("precisions", f"must name at least one of {', '.join(PRECISIONS)}")
+    if "" in given:
+        raise InputError("precisions", f"{value!r} has an empty entry")
+    unknown = [p for p in given if p not in PRECISIONS]
+    if unknown:
+        raise InputError("precisions", f"unknown precision {unknown[0]!r} (known: {', '.join(PRECISIONS)})")
+    twice = sorted({p for p in given if given.count(p) > 1})
+    if twice:
+        raise InputError("precisions", f"{twice[0]} is listed more than once")
+    if onnx_model_dir.strip() and len(given) > 1:
+        raise InputError("precisions", "a prebuilt onnx_model_dir is one candidate: give one precision, or no folder")
+    return given
 
 
 def plan(args) -> dict:
@@ -62,8 +91,11 @@ def plan(args) -> dict:
         "evaluate": evaluate,
         "register": register,
     }
+    precisions = parse_precisions(values["precisions"], values["onnx_model_dir"])
     for name, step in steps.items():
-        step.parse_args([x for k, v in step_params(name, values).items() for x in (f"--{k}", v)])
+        for p in precisions if name == "onnx_wrapper" else [""]:
+            params = step_params(name, values, {"precision": p})
+            step.parse_args([x for k, v in params.items() for x in (f"--{k}", v)])
     # The checks evaluate and register would make only after the wrappers' heavy work.
     load_dataset(values["dataset"], values["question_column"], values["answer_column"])
     check_names(values["registered_model_name"], values["alias"], mlflow.get_registry_uri())
@@ -74,21 +106,21 @@ def plan(args) -> dict:
     return values
 
 
-# Each step's parameters: a profile key, or "@x" for an upstream output (chat/onnx model URI,
-# evaluation run ID).
+# Each step's parameters: a profile key, or "@x" for a value the chain supplies (chat model URI, the
+# comma-separated ONNX model URIs, evaluation run ID, the precision of one onnx_wrapper run).
 WIRING = {
     "pipeline_wrapper": {"model": "model", "serve_max_new_tokens": "serve_max_new_tokens",
                          "temperature": "temperature", "trust_remote_code": "trust_remote_code"},
-    "onnx_wrapper": {"model": "model", "precision": "precision", "onnx_model_dir": "onnx_model_dir",
+    "onnx_wrapper": {"model": "model", "precision": "@precision", "onnx_model_dir": "onnx_model_dir",
                      "serve_max_new_tokens": "serve_max_new_tokens", "temperature": "temperature",
                      "max_prompts_per_request": "max_prompts_per_request",
                      "max_total_new_tokens": "max_total_new_tokens"},
-    "evaluate": {"chat_model_uri": "@chat", "onnx_model_uri": "@onnx", "dataset": "dataset",
+    "evaluate": {"chat_model_uri": "@chat", "onnx_model_uris": "@onnx", "dataset": "dataset",
                  "question_column": "question_column", "answer_column": "answer_column",
                  "max_new_tokens": "max_new_tokens", "temperature": "temperature", "select_metric": "select_metric",
-                 "engine": "engine"},
+                 "min_accuracy": "min_accuracy", "max_accuracy_drop": "max_accuracy_drop", "engine": "engine"},
     "register": {"eval_run_id": "@eval", "registered_model_name": "registered_model_name", "alias": "alias",
-                 "min_accuracy": "min_accuracy", "max_accuracy_drop": "max_accuracy_drop", "force": "force"},
+                 "force": "force"},
 }  # fmt: skip
 
 
@@ -135,10 +167,13 @@ def main(args) -> dict:
         client, up, step = chain.client, {}, "pipeline_wrapper"
         try:
             chat = chain.run(step, step_params(step, values))
-            step = "onnx_wrapper"
-            onnx = chain.run(step, step_params(step, values))
             up["chat"] = client.get_run(chat.run_id).data.tags[tags.MODEL_URI]
-            up["onnx"] = client.get_run(onnx.run_id).data.tags[tags.MODEL_URI]
+            onnx = []
+            for precision in parse_precisions(values["precisions"], values["onnx_model_dir"]):
+                step = f"onnx_wrapper.{'prebuilt' if values['onnx_model_dir'] else precision}"
+                params = step_params("onnx_wrapper", values, {"precision": precision})
+                onnx.append(chain.run("onnx_wrapper", params, label=step))
+            up["onnx"] = ",".join(client.get_run(r.run_id).data.tags[tags.MODEL_URI] for r in onnx)
             step = "evaluate"
             evaluated = chain.run(step, step_params(step, values, up))
             up["eval"] = evaluated.run_id
@@ -160,7 +195,7 @@ def main(args) -> dict:
         champion, _ = registry.alias_tags(client, values["registered_model_name"], values["alias"])
         outcome[tags.CHAMPION_VERSION] = champion or ""
         summary = Summary.from_dict(mlflow.artifacts.load_dict(f"{eval_run.info.artifact_uri}/summary.json"))
-        ran = [f"{r.name} {'reused' if r.reused else 'ran'}" for r in (chat, onnx, evaluated)]
+        ran = [f"{r.name} {'reused' if r.reused else 'ran'}" for r in (chat, *onnx, evaluated)]
         name, alias = outcome[tags.REGISTERED_MODEL], values["alias"]
         moved = "moved to it" if outcome[tags.ALIAS_MOVED] == "true" else "not moved"
         done = (

@@ -4,14 +4,12 @@ Inputs (flags, spelled like the MLproject parameters):
   --eval_run_id            the evaluate run whose summary.json names the winner
   --registered_model_name  the registered model (three-part catalog.schema.model on Unity Catalog)
   --alias                  the alias to move (default champion)
-  --min_accuracy           absolute goal: a candidate's accuracy must reach it
-  --max_accuracy_drop      relative goal: a candidate may lose at most this much accuracy against
-                           the reference (the transformers pipeline) when both were evaluated
   --force                  true/false: move the alias regardless of the goals and the current holder
 Outputs:
-  a model version of the candidate chosen from summary.json - the best by the selected metric
-  among those meeting both goals, else the best (then the alias stays) - with tags
-  source_eval_run, wrapper, precision, source_model, git_commit, metric.* and a description;
+  a model version of summary.json's winner - the best by the selected metric among the candidates
+  that meet evaluate's goals (min_accuracy, max_accuracy_drop), else the best (then the alias
+  stays) - with tags source_eval_run, candidate, wrapper, precision, source_model, git_commit,
+  metric.* and a description;
   registered once per evaluation run. The alias moves to it only if it meets the goals and beats
   the alias's current version on the selected metric (an equal score needs a p50 latency more
   than 25 % lower).
@@ -24,7 +22,7 @@ from __future__ import annotations
 
 from mlflow.entities import Run
 
-from phi3mlflow.cli import StepParser, fail, run_main, true_false, unit_interval
+from phi3mlflow.cli import StepParser, fail, run_main, true_false
 from phi3mlflow.summary import Summary
 
 
@@ -33,8 +31,6 @@ def parse_args(argv=None):
     p.add_argument("--eval_run_id", required=True)
     p.add_argument("--registered_model_name", default="phi3-chat")
     p.add_argument("--alias", default="champion")
-    p.add_argument("--min_accuracy", type=unit_interval, default=0.9)
-    p.add_argument("--max_accuracy_drop", type=unit_interval, default=1.0)
     p.add_argument("--force", type=true_false, default=False)
     return p.parse_args(argv)
 
@@ -50,9 +46,13 @@ def _load_summary(client, eval_run_id: str) -> tuple[Summary, Run]:
     if run.info.status != "FINISHED":
         fail("eval_run_id", f"run {eval_run_id} is {run.info.status}, not FINISHED")
     try:
-        return Summary.from_dict(mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")), run
-    except (MlflowException, OSError, ValueError, KeyError, TypeError):
+        found = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")
+    except (MlflowException, OSError, ValueError):
         fail("eval_run_id", f"run {eval_run_id} has no summary.json: is it an evaluate run?")
+    try:
+        return Summary.from_dict(found), run
+    except (KeyError, TypeError):
+        fail("eval_run_id", f"run {eval_run_id}'s summary.json is not a ranked list of candidates: run evaluate again")
 
 
 def main(args) -> dict:
@@ -66,7 +66,7 @@ def main(args) -> dict:
         fail("eval_run_id", "must not be empty")
     client = mlflow.MlflowClient()
     summary, eval_run = _load_summary(client, args.eval_run_id)
-    choice = registry.choose(summary, args.min_accuracy, args.max_accuracy_drop)
+    choice = registry.choose(summary)
     name, winner = args.registered_model_name, summary.models[choice.key]
     print(f"register: candidate {choice.key}: {choice.reason}", flush=True)
 

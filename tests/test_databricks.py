@@ -78,7 +78,7 @@ def _tracked(checkout) -> set[str]:
 @pytest.fixture(scope="module")
 def submission(checkout, tracking_uri):
     return _submit(checkout, tracking_uri, "-e", "main", "--experiment-name", "/Shared/phi3-mlflow",
-                   "-P", f"registered_model_name={UC_NAME}", "-P", "precision=int8")  # fmt: skip
+                   "-P", f"registered_model_name={UC_NAME}", "-P", "precisions=int8,int4")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -113,7 +113,7 @@ def test_submitted_job_runs_main_on_the_pinned_cluster(submission, checkout):
     assert argv[argv.index("--entry-point") + 1] == "main"
     assert argv[argv.index("--env-manager") + 1] == "local"
     params = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "-P")
-    assert params == {"registered_model_name": UC_NAME, "precision": "int8"}
+    assert params == {"registered_model_name": UC_NAME, "precisions": "int8,int4"}
 
 
 @pytest.mark.slow

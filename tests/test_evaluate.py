@@ -9,22 +9,29 @@ import mlflow
 import pytest
 
 from phi3mlflow import metrics, tiny
-from phi3mlflow.evaluation import choose_best
-from phi3mlflow.summary import Scores
 from tests.conftest import ROOT, one_line_error, run_step
 
 
 @pytest.fixture(scope="module")
-def eval_run(mlflow_run, chat_run, int4_run):
+def int8_run(mlflow_run):
+    return mlflow_run("onnx_wrapper", {"precision": "int8", "serve_max_new_tokens": 32}, experiment="evaluate")
+
+
+@pytest.fixture(scope="module")
+def eval_run(mlflow_run, chat_run, int4_run, int8_run):
+    """Three candidates: the transformers reference and two ONNX precisions."""
     return mlflow_run(
         "evaluate",
         {
             "chat_model_uri": chat_run.run.data.tags["model_uri"],
-            "onnx_model_uri": int4_run.run.data.tags["model_uri"],
+            "onnx_model_uris": f"{int4_run.run.data.tags['model_uri']},{int8_run.run.data.tags['model_uri']}",
             "max_new_tokens": 32,
         },
         experiment="evaluate",
     )
+
+
+KEYS = ("chat", "onnx_int4", "onnx_int8")
 
 
 def _artifact(run_id, path, tmp_path):
@@ -32,62 +39,115 @@ def _artifact(run_id, path, tmp_path):
 
 
 @pytest.mark.slow
-def test_both_models_score_high_and_every_metric_is_logged(eval_run):
+def test_every_candidate_scores_high_and_every_metric_is_logged(eval_run):
     run = eval_run.run
     assert run.info.status == "FINISHED"
     m = run.data.metrics
-    for key in ("chat", "onnx"):
+    for key in KEYS:
         assert m[f"{key}_accuracy"] >= 0.95
         for name in metrics.METRICS:
             assert f"{key}_{name}" in m
         assert 0 < m[f"{key}_latency_p50_ms"] <= m[f"{key}_latency_p95_ms"]
         assert m[f"{key}_tokens_per_s"] > 0
-    assert 0.9 <= m["agreement"] <= 1.0
-    assert run.data.tags["best"] in ("chat", "onnx")
+    for key in KEYS[1:]:
+        assert 0.9 <= m[f"{key}_agreement"] <= 1.0
+        assert m[f"{key}_accuracy_delta"] == pytest.approx(m[f"{key}_accuracy"] - m["chat_accuracy"])
+    assert "chat_agreement" not in m and "chat_accuracy_delta" not in m
+    assert run.data.tags["best"] in KEYS and run.data.tags["winner"] in KEYS
 
 
 @pytest.mark.slow
-def test_summary_table_plot_and_dataset_are_recorded(eval_run, chat_run, tmp_path):
+def test_the_summary_ranks_every_candidate_and_the_table_and_plot_show_them(eval_run, chat_run, tmp_path):
     run = eval_run.run
     summary = json.load(open(_artifact(run.info.run_id, "summary.json", tmp_path)))
-    assert summary["metric"] == "accuracy" and summary["best"] == run.data.tags["best"]
-    assert summary["models"]["chat"]["model_uri"] == chat_run.run.data.tags["model_uri"]
-    assert set(summary["models"]["onnx"]) == {"model_uri", "accuracy_delta", *metrics.METRICS}
-    assert summary["reference"] == "chat" and set(summary["models"]["chat"]) == {"model_uri", *metrics.METRICS}
-    assert summary["models"]["onnx"]["accuracy_delta"] == pytest.approx(
-        summary["models"]["onnx"]["accuracy"] - summary["models"]["chat"]["accuracy"]
-    )
-    assert run.data.metrics["onnx_accuracy_delta"] == pytest.approx(summary["models"]["onnx"]["accuracy_delta"])
-    assert summary["agreement"] == run.data.metrics["agreement"]
+    assert summary["metric"] == "accuracy" and summary["reference"] == "chat"
+    assert summary["goals"] == {"min_accuracy": 0.9, "max_accuracy_drop": 1.0}  # the step's defaults
+    ranked = summary["candidates"]
+    assert sorted(c["key"] for c in ranked) == sorted(KEYS) and [c["rank"] for c in ranked] == [1, 2, 3]
+    assert ranked[0]["key"] == run.data.tags["best"] == summary["winner"] == run.data.tags["winner"]
+    # Best first: accuracy down, then p50 latency up.
+    order = [(-c["accuracy"], c["latency_p50_ms"]) for c in ranked]
+    assert order == sorted(order)
+    by_key = {c["key"]: c for c in ranked}
+    assert by_key["chat"]["model_uri"] == chat_run.run.data.tags["model_uri"]
+    assert (by_key["chat"]["wrapper"], by_key["chat"]["precision"]) == ("chat", "fp32")
+    assert (by_key["onnx_int8"]["wrapper"], by_key["onnx_int8"]["precision"]) == ("onnx", "int8")
+    assert by_key["chat"]["accuracy_delta"] is None and by_key["chat"]["agreement"] is None
+    for key in KEYS[1:]:
+        assert by_key[key]["agreement"] == run.data.metrics[f"{key}_agreement"]
+        assert by_key[key]["meets_goals"] is True and by_key[key]["missed"] == ""
     png = open(_artifact(run.info.run_id, "comparison.png", tmp_path), "rb").read()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     table = json.load(open(_artifact(run.info.run_id, "eval_table.json", tmp_path)))
     cols = table["columns"]
-    for col in ("question", "expected", "chat_answer", "onnx_answer", "chat_correct", "onnx_correct", "agree"):
+    for col in ("question", "expected", *(f"{k}_{c}" for k in KEYS for c in ("answer", "correct", "latency_ms")),
+                "onnx_int4_agrees", "onnx_int8_agrees"):  # fmt: skip
         assert col in cols
     rows = [dict(zip(cols, r, strict=True)) for r in table["data"]]
     assert len(rows) == len(tiny.load_questions())
     spain = next(r for r in rows if r["question"] == "What is the capital of Spain?")
-    assert spain["chat_answer"] == spain["onnx_answer"] == "The capital of Spain is Madrid."
+    assert {spain[f"{k}_answer"] for k in KEYS} == {"The capital of Spain is Madrid."}
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert inputs["questions"].dataset.digest
     assert [t.value for t in inputs["questions"].tags] == ["evaluation"]
 
 
 @pytest.mark.slow
-@pytest.mark.slow
-def test_each_models_metrics_are_on_its_logged_model_linked_to_the_dataset(eval_run):
+def test_each_candidates_metrics_are_on_its_logged_model_and_the_search_ranks_them_alike(eval_run):
     from phi3mlflow.summary import Summary
 
     run = eval_run.run
     summary = Summary.from_dict(mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json"))
-    for key, scores in summary.models.items():
-        logged = mlflow.get_logged_model(scores.model_uri.split("/")[1])
+    digest = next(d.dataset.digest for d in run.inputs.dataset_inputs if d.dataset.name == "questions")
+    for c in summary.candidates:
+        logged = mlflow.get_logged_model(c.model_uri.split("/")[1])
         mine = {m.key: m for m in logged.metrics if m.run_id == run.info.run_id}
-        assert set(mine) == set(metrics.METRICS)
-        assert mine["accuracy"].value == pytest.approx(scores.accuracy)
-        assert mine["accuracy"].dataset_name == "questions" and mine["accuracy"].dataset_digest
-        assert run.data.metrics[f"{key}_accuracy"] == pytest.approx(scores.accuracy)
+        extra = set() if c.key == "chat" else {"accuracy_delta", "agreement"}
+        assert set(mine) == set(metrics.METRICS) | extra
+        assert mine["accuracy"].value == pytest.approx(c.accuracy)
+        assert mine["accuracy"].dataset_name == "questions" and mine["accuracy"].dataset_digest == digest
+        assert run.data.metrics[f"{c.key}_accuracy"] == pytest.approx(c.accuracy)
+    # MLflow's own ranking of the logged models, by the latest metrics on this dataset, is summary.json's.
+    on_this_set = {"dataset_name": "questions", "dataset_digest": digest}
+    found = mlflow.search_logged_models(
+        experiment_ids=list(
+            {mlflow.get_logged_model(c.model_uri.split("/")[1]).experiment_id for c in summary.candidates}
+        ),  # fmt: skip
+        datasets=[on_this_set],
+        order_by=[
+            {"field_name": "metrics.accuracy", "ascending": False, **on_this_set},
+            {"field_name": "metrics.latency_p50_ms", "ascending": True, **on_this_set},
+        ],  # fmt: skip
+        output_format="list",
+    )
+    ids = [c.model_uri.split("/")[1] for c in summary.candidates]
+    assert [m.model_id for m in found if m.model_id in ids] == ids
+
+
+@pytest.mark.slow
+def test_every_question_leaves_a_trace_linked_to_its_model_with_token_counts(eval_run):
+    from phi3mlflow.summary import Summary
+
+    run = eval_run.run
+    summary = Summary.from_dict(mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json"))
+    traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, return_type="list",
+                                  max_results=1000)  # fmt: skip
+    assert len(traces) == len(KEYS) * len(tiny.load_questions())
+    by_model: dict[str, list] = {}
+    for t in traces:
+        by_model.setdefault(t.info.trace_metadata.get("mlflow.modelId"), []).append(t)
+    for c in summary.candidates:
+        mine = by_model[c.model_uri.split("/")[1]]
+        assert len(mine) == len(tiny.load_questions())
+        spans = {s.name: s for s in mine[0].data.spans}
+        assert set(spans) == {f"answer {c.key}", "chat_template", "generate"}
+        gen = spans["generate"].attributes
+        assert gen["prompt_tokens"] == spans["chat_template"].attributes["prompt_tokens"] > 5
+        assert 0 < gen["completion_tokens"] <= 32
+        # Only the ONNX model streams, so only it knows when its first token came.
+        assert ("ttft_ms" in gen) is (c.wrapper == "onnx")
+        if c.wrapper == "onnx":
+            assert 0 < gen["ttft_ms"] < spans["generate"].end_time_ns / 1e6 - spans["generate"].start_time_ns / 1e6
 
 
 def test_custom_csv_with_other_columns_and_one_model(mlflow_run, int4_run, tmp_path):
@@ -96,7 +156,7 @@ def test_custom_csv_with_other_columns_and_one_model(mlflow_run, int4_run, tmp_p
     result = mlflow_run(
         "evaluate",
         {
-            "onnx_model_uri": int4_run.run.data.tags["model_uri"],
+            "onnx_model_uris": int4_run.run.data.tags["model_uri"],
             "dataset": str(csv),
             "question_column": "q",
             "answer_column": "gold",
@@ -105,11 +165,12 @@ def test_custom_csv_with_other_columns_and_one_model(mlflow_run, int4_run, tmp_p
         experiment="evaluate",
     )
     run = result.run
-    assert run.data.metrics["onnx_accuracy"] == 1.0  # "Rome" is contained in the sentence answer
-    assert run.data.metrics["onnx_exact_match"] == 0.0
-    assert "chat_accuracy" not in run.data.metrics and "agreement" not in run.data.metrics
+    assert run.data.metrics["onnx_int4_accuracy"] == 1.0  # "Rome" is contained in the sentence answer
+    assert run.data.metrics["onnx_int4_exact_match"] == 0.0
+    assert "chat_accuracy" not in run.data.metrics and "onnx_int4_agreement" not in run.data.metrics
     summary = json.load(open(_artifact(run.info.run_id, "summary.json", tmp_path)))
-    assert summary["best"] == "onnx" and summary["agreement"] is None and summary["metric"] == "latency_p50_ms"
+    assert summary["winner"] == "onnx_int4" and summary["reference"] is None and summary["metric"] == "latency_p50_ms"
+    assert summary["candidates"][0]["agreement"] is None
 
 
 @pytest.fixture()
@@ -131,7 +192,8 @@ def bad_files(tmp_path):
         ("empty", "dataset"),
         ("header", "dataset"),
         ("cols", "question_column"),
-        ("bad_uri", "onnx_model_uri"),
+        ("bad_uri", "onnx_model_uris"),
+        ("twice", "onnx_model_uris"),
         ("wrong_kind", "chat_model_uri"),
         ("no_models", "chat_model_uri"),
         ("metric", "select_metric"),
@@ -139,11 +201,13 @@ def bad_files(tmp_path):
 )
 def test_bad_input_fails_before_any_model_loads(case, param, bad_files, int4_run):
     onnx_uri = int4_run.run.data.tags["model_uri"]
-    args = {"--onnx_model_uri": onnx_uri}
+    args = {"--onnx_model_uris": onnx_uri}
     if case in bad_files:
         args["--dataset"] = str(bad_files[case])
     elif case == "bad_uri":
-        args["--onnx_model_uri"] = "models:/m-doesnotexist"
+        args["--onnx_model_uris"] = "models:/m-doesnotexist"
+    elif case == "twice":
+        args["--onnx_model_uris"] = f"{onnx_uri}, {onnx_uri}"
     elif case == "wrong_kind":
         args["--chat_model_uri"] = onnx_uri
     elif case == "no_models":
@@ -153,7 +217,7 @@ def test_bad_input_fails_before_any_model_loads(case, param, bad_files, int4_run
     proc = run_step("evaluate", *[x for kv in args.items() for x in kv], timeout=120)
     line = one_line_error(proc)
     assert param in line, line
-    assert "evaluate: onnx model" not in proc.stdout
+    assert " on 97 questions" not in proc.stdout
 
 
 @pytest.mark.slow
@@ -163,7 +227,7 @@ def test_a_question_beyond_a_models_context_fails_before_any_answer(chat_run, in
     uris = [
         "--chat_model_uri",
         chat_run.run.data.tags["model_uri"],
-        "--onnx_model_uri",
+        "--onnx_model_uris",
         int4_run.run.data.tags["model_uri"],
     ]
     proc = run_step("evaluate", *uris, "--dataset", str(data), timeout=180)
@@ -172,7 +236,7 @@ def test_a_question_beyond_a_models_context_fails_before_any_answer(chat_run, in
     lines = proc.stderr.strip().splitlines()
     assert [line for line in lines if line.startswith("error:")] == lines[-1:], proc.stderr
     assert "dataset: long.csv row 2" in lines[-1] and "context of 256 tokens" in lines[-1]
-    assert "evaluate: chat model" not in proc.stdout
+    assert "evaluate: chat models:/" not in proc.stdout
 
 
 @pytest.mark.slow
@@ -180,22 +244,12 @@ def test_a_failure_inside_the_steps_run_is_recorded_on_it(mlflow_run, tmp_path):
     # A model whose per-request cap is below what evaluate asks for fails while answering, inside
     # the evaluate run; the cause must be on that run, not only in a traceback.
     capped = mlflow_run("onnx_wrapper", {"precision": "int4", "max_total_new_tokens": "8"}, experiment="evaluate")
-    failed = mlflow_run("evaluate", {"onnx_model_uri": capped.run.data.tags["model_uri"], "max_new_tokens": "16"},
+    failed = mlflow_run("evaluate", {"onnx_model_uris": capped.run.data.tags["model_uri"], "max_new_tokens": "16"},
                         experiment="evaluate", check=False)  # fmt: skip
     assert failed.proc.returncode != 0
     run = failed.run
     assert run.info.status == "FAILED"
     assert run.data.tags["phi3.error"].startswith("MlflowException: max_total_new_tokens: ")
-
-
-def test_choose_best_breaks_ties_by_latency_and_knows_lower_is_better():
-    def scores(accuracy, p50):
-        return Scores("models:/m-x", accuracy, accuracy, accuracy, p50, p50, 10.0)
-
-    a, b = scores(1.0, 30.0), scores(1.0, 5.0)
-    assert choose_best({"chat": a, "onnx": b}, "accuracy") == "onnx"
-    assert choose_best({"chat": a, "onnx": scores(0.5, 5.0)}, "accuracy") == "chat"
-    assert choose_best({"chat": b, "onnx": a}, "latency_p50_ms") == "chat"
 
 
 def test_answer_metrics_normalise_text():
@@ -214,12 +268,14 @@ def _answers(run_id, tmp_path):
 
 
 @pytest.mark.slow
-def test_spark_engine_gives_the_local_engines_answers_and_metrics(mlflow_run, eval_run, chat_run, int4_run, tmp_path):
+def test_spark_engine_gives_the_local_engines_answers_and_metrics(
+    mlflow_run, eval_run, chat_run, int4_run, int8_run, tmp_path
+):
     spark = mlflow_run(
         "evaluate",
         {
             "chat_model_uri": chat_run.run.data.tags["model_uri"],
-            "onnx_model_uri": int4_run.run.data.tags["model_uri"],
+            "onnx_model_uris": f"{int4_run.run.data.tags['model_uri']},{int8_run.run.data.tags['model_uri']}",
             "max_new_tokens": 32,
             "engine": "spark",
         },
@@ -230,13 +286,13 @@ def test_spark_engine_gives_the_local_engines_answers_and_metrics(mlflow_run, ev
     # Greedy decoding: the same answer to every question, row for row.
     assert _answers(run.info.run_id, tmp_path / "s") == _answers(local.info.run_id, tmp_path / "l")
     m, lm = run.data.metrics, local.data.metrics
-    for key in ("chat", "onnx"):
+    for key in KEYS:
         for name in ("accuracy", "exact_match", "f1"):
             assert m[f"{key}_{name}"] == lm[f"{key}_{name}"]
         # Spark has no per-row clock: the amortised latency makes p50 == p95.
         assert m[f"{key}_latency_p50_ms"] == m[f"{key}_latency_p95_ms"] > 0
         assert m[f"{key}_tokens_per_s"] > 0
-    assert m["agreement"] == lm["agreement"] and run.data.tags["best"] in ("chat", "onnx")
+    assert m["onnx_int8_agreement"] == lm["onnx_int8_agreement"] and run.data.tags["best"] in KEYS
 
 
 @pytest.mark.slow
@@ -269,7 +325,7 @@ def test_spark_engine_without_java_fails_before_any_model_loads(int4_run, tmp_pa
     env_path = tmp_path / "bin"
     env_path.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "steps.evaluate", "--onnx_model_uri", int4_run.run.data.tags["model_uri"],
+        [sys.executable, "-m", "steps.evaluate", "--onnx_model_uris", int4_run.run.data.tags["model_uri"],
          "--engine", "spark"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k != "JAVA_HOME"} | {"PATH": str(env_path)},

@@ -12,18 +12,18 @@ import pytest
 import yaml
 from mlflow.exceptions import MlflowException
 
-from phi3mlflow import PROJECT_ROOT, evaluation
+from phi3mlflow import PROJECT_ROOT
 from phi3mlflow.chain import PROFILE_KEYS, load_profile
 from phi3mlflow.errors import InputError
 from phi3mlflow.genai import InvalidRequest, SearchOptions
-from phi3mlflow.summary import Scores, Summary
+from phi3mlflow.summary import Candidate, Goals, Summary, build
 from steps import evaluate, main, onnx_wrapper, pipeline_wrapper, register
 
 MLPROJECT = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]
 STEPS = {"pipeline_wrapper": pipeline_wrapper, "onnx_wrapper": onnx_wrapper, "evaluate": evaluate,
          "register": register}  # fmt: skip
 # Upstream outputs main passes on: the source in WIRING, and the parameter it feeds.
-UPSTREAM = {"@chat": "chat_model_uri", "@onnx": "onnx_model_uri", "@eval": "eval_run_id"}
+UPSTREAM = {"@chat": "chat_model_uri", "@onnx": "onnx_model_uris", "@eval": "eval_run_id", "@precision": "precision"}
 # Child parameters main does not pass, so the step's own default applies (the pyfunc's per-request caps).
 UNWIRED: dict[str, set[str]] = {}
 PROFILES = sorted((PROJECT_ROOT / "params").glob("*.yaml"))
@@ -61,7 +61,8 @@ def test_every_child_parameter_is_wired_from_a_profile_key_or_an_upstream_output
 
 def test_every_profile_key_reaches_a_step_or_main_itself():
     wired = {src for wiring in main.WIRING.values() for src in wiring.values() if not src.startswith("@")}
-    assert wired | {"use_cache"} == set(PROFILE_KEYS)  # use_cache is main's own: the step cache
+    # use_cache is main's own (the step cache); precisions reaches onnx_wrapper as one precision per run.
+    assert wired | {"use_cache", "precisions"} == set(PROFILE_KEYS)
     # main overrides only profile keys, and its MLproject parameters are exactly its flags.
     assert set(main.OVERRIDES) <= set(PROFILE_KEYS)
     assert set(MLPROJECT["main"]["parameters"]) == {"params_file", *main.OVERRIDES}
@@ -69,7 +70,7 @@ def test_every_profile_key_reaches_a_step_or_main_itself():
 
 def test_step_params_takes_profile_values_and_upstream_outputs():
     values = {k: f"value-of-{k}" for k in PROFILE_KEYS}
-    up = {"chat": "models:/m-chat", "onnx": "models:/m-onnx", "eval": "0123abcd"}
+    up = {"chat": "models:/m-chat", "onnx": "models:/m-a,models:/m-b", "eval": "0123abcd", "precision": "int8"}
     for name, wiring in main.WIRING.items():
         got = main.step_params(name, values, up)
         assert list(got) == list(wiring)
@@ -96,7 +97,9 @@ def test_every_profile_loads_and_each_step_parser_takes_its_values(path):
     values = load_profile(str(path))
     assert set(values) == set(PROFILE_KEYS) and all(isinstance(v, str) for v in values.values())
     for name, step in STEPS.items():
-        step.parse_args([x for k, v in main.step_params(name, values).items() for x in (f"--{k}", v)])
+        for precision in main.parse_precisions(values["precisions"], values["onnx_model_dir"]):
+            params = main.step_params(name, values, {"precision": precision})
+            step.parse_args([x for k, v in params.items() for x in (f"--{k}", v)])
 
 
 # --- profile errors ------------------------------------------------------------------------------
@@ -150,23 +153,48 @@ def test_profile_values_become_the_strings_mlflow_logs_and_relative_paths_find_t
 # --- the evaluation summary register reads ----------------------------------------------------
 
 
-def _scores(accuracy: float, p50: float) -> Scores:
-    return Scores("models:/m-x", accuracy, accuracy, accuracy, p50, 2 * p50, 50.0)
-
-
 def test_the_summary_survives_its_json_round_trip():
-    summary = evaluation.summary({"chat": _scores(0.75, 40.0), "onnx": _scores(0.5, 10.0)}, "accuracy", 0.5,
-                                 {"geography": {"chat": 1.0, "onnx": 0.5}})  # fmt: skip
-    assert (summary.best, summary.reference) == ("chat", "chat")
+    def candidate(key, accuracy, p50):
+        wrapper = "chat" if key == "chat" else "onnx"
+        scores = {"accuracy": accuracy, "exact_match": accuracy, "f1": accuracy, "latency_p50_ms": p50,
+                  "latency_p95_ms": 2 * p50, "tokens_per_s": 50.0}  # fmt: skip
+        return Candidate.scored(key, wrapper, "int4" if wrapper == "onnx" else "fp32", "models:/m-x", scores)
+
+    candidates = [candidate("chat", 0.75, 40.0), candidate("onnx_int4", 0.5, 10.0)]
+    answers = {"chat": ["a", "b"], "onnx_int4": ["a", "c"]}
+    categories = {"geography": {"chat": 1.0, "onnx_int4": 0.5}}
+    summary = build(candidates, "accuracy", Goals(0.5, 0.5), "chat", answers, categories)
+    assert (summary.best, summary.winner, summary.reference) == ("chat", "chat", "chat")
     logged = json.loads(json.dumps(summary.to_dict()))  # as mlflow.log_dict / load_dict carry it
-    assert "accuracy_delta" not in logged["models"]["chat"] and logged["models"]["onnx"]["accuracy_delta"] == -0.25
+    assert [c["key"] for c in logged["candidates"]] == ["chat", "onnx_int4"]
+    assert logged["candidates"][1]["accuracy_delta"] == -0.25 and logged["candidates"][1]["agreement"] == 0.5
+    assert logged["goals"] == {"min_accuracy": 0.5, "max_accuracy_drop": 0.5}
     assert Summary.from_dict(logged) == summary
-    assert summary.models["onnx"]["latency_p95_ms"] == 20.0 and summary.models["onnx"]["accuracy_delta"] == -0.25
+    assert summary["onnx_int4"]["latency_p95_ms"] == 20.0 and summary["onnx_int4"].accuracy_delta == -0.25
     with pytest.raises(KeyError):
-        summary.models["onnx"]["model_uri"]  # only metrics are indexable
-    alone = evaluation.summary({"onnx": _scores(0.5, 10.0)}, "latency_p50_ms", None)
-    assert alone.reference is None and alone.models["onnx"].accuracy_delta is None and alone.best == "onnx"
+        summary["onnx_int4"]["model_uri"]  # only metrics are indexable
+    alone = build([candidate("onnx_int4", 0.5, 10.0)], "latency_p50_ms", Goals(), None)
+    assert alone.reference is None and alone["onnx_int4"].accuracy_delta is None and alone.best == "onnx_int4"
     assert Summary.from_dict(json.loads(json.dumps(alone.to_dict()))) == alone
+
+
+@pytest.mark.parametrize(
+    "value,needle",
+    [("", "at least one"), (" , ", "at least one"), ("int4,", "empty entry"), ("int3", "unknown precision 'int3'"),
+     ("int4,int8,int4", "int4 is listed more than once"), ("INT4", "unknown precision")],
+)  # fmt: skip
+def test_bad_precisions_name_the_parameter(value, needle):
+    with pytest.raises(InputError) as e:
+        main.parse_precisions(value, "")
+    assert e.value.parameter == "precisions" and needle in str(e.value)
+
+
+def test_precisions_are_a_list_and_a_prebuilt_folder_is_one_candidate():
+    assert main.parse_precisions(" fp32, int8,int4 ", "") == ["fp32", "int8", "int4"]
+    assert main.parse_precisions("int4", "/some/folder") == ["int4"]
+    with pytest.raises(InputError) as e:
+        main.parse_precisions("int4,int8", "/some/folder")
+    assert e.value.parameter == "precisions" and "one candidate" in str(e.value)
 
 
 # --- search options ------------------------------------------------------------------------------

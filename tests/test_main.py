@@ -19,18 +19,20 @@ from tests.conftest import ROOT, one_line_error, run_step
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "main-chain"
-STEPS = ("pipeline_wrapper", "onnx_wrapper", "evaluate", "register")
+# Each child as the parent labels it: one onnx_wrapper per precision of the profile.
+STEPS = ("pipeline_wrapper", "onnx_wrapper.int4", "onnx_wrapper.int8", "evaluate", "register")
 
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory):
-    """The tiny profile on a five-question CSV, so each evaluation takes seconds."""
+    """The tiny profile with two ONNX precisions on a five-question CSV, so each evaluation takes seconds."""
     folder = tmp_path_factory.mktemp("profile")
     rows = [json.loads(line) for line in (ROOT / "data/questions.jsonl").read_text().splitlines()[:5]]
     csv = folder / "five.csv"
     csv.write_text("q,a\n" + "".join(f"{r['question']},{r['answer']}\n" for r in rows))
     values = yaml.safe_load((ROOT / "params/tiny.yaml").read_text())
-    values.update(dataset=str(csv), question_column="q", answer_column="a", registered_model_name="main-chat")
+    values.update(dataset=str(csv), question_column="q", answer_column="a", registered_model_name="main-chat",
+                  precisions="int4,int8")  # fmt: skip
     path = folder / "test.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -42,11 +44,20 @@ def _children(parent_run_id):
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
         output_format="list",
     )
-    return {r.data.tags["mlflow.project.entryPoint"]: r for r in runs}
+    return {_label(r): r for r in runs}
+
+
+def _label(run) -> str:
+    """A child as the parent names it: the entry point, and for onnx_wrapper its precision."""
+    name, params = run.data.tags["mlflow.project.entryPoint"], run.data.params
+    if name == "onnx_wrapper":
+        return f"{name}.{'prebuilt' if params.get('onnx_model_dir') else params['precision']}"
+    return name
 
 
 def _cache(run):
-    return {s: run.data.tags[f"child.{s}.cache"] for s in STEPS}
+    return {k[len("child.") : -len(".cache")]: v for k, v in run.data.tags.items()
+            if k.startswith("child.") and k.endswith(".cache")}  # fmt: skip
 
 
 def _checkout_entries() -> set[str]:
@@ -74,12 +85,21 @@ def test_chain_nests_four_children_and_registers_the_winner(first):
     for s in STEPS:
         assert parent.data.tags[f"child.{s}.run_id"] == children[s].info.run_id
     # Model URIs and the evaluation run pass between steps as parameters.
-    assert children["evaluate"].data.params["onnx_model_uri"] == children["onnx_wrapper"].data.tags["model_uri"]
+    onnx_uris = [children[f"onnx_wrapper.{p}"].data.tags["model_uri"] for p in ("int4", "int8")]
+    assert children["evaluate"].data.params["onnx_model_uris"] == ",".join(onnx_uris)
     assert children["register"].data.params["eval_run_id"] == children["evaluate"].info.run_id
     assert parent.data.tags["phi3.env_manager"] == "local"  # --env-manager local, passed on to the children
-    assert parent.data.params["effective.precision"] == "int4"
+    assert parent.data.params["effective.precisions"] == "int4,int8"
     assert parent.data.params["effective.model"] == "builtin:tiny-phi3"
-    assert parent.data.metrics["onnx_accuracy"] == 1.0 and "chat_latency_p50_ms" in parent.data.metrics
+    assert parent.data.metrics["onnx_int4_accuracy"] == parent.data.metrics["onnx_int8_accuracy"] == 1.0
+    assert "chat_latency_p50_ms" in parent.data.metrics
+    # The winner is the best candidate of the ranked summary that meets the goals, and it is registered.
+    evaluated = children["evaluate"]
+    summary = mlflow.artifacts.load_dict(f"{evaluated.info.artifact_uri}/summary.json")
+    assert len(summary["candidates"]) == 3 and parent.data.tags["winner"] == summary["winner"]
+    winner = next(c for c in summary["candidates"] if c["key"] == summary["winner"])
+    registered = mlflow.MlflowClient().get_model_version("main-chat", parent.data.tags["registered_version"])
+    assert registered.source == winner["model_uri"] and registered.tags["candidate"] == winner["key"]
     version = parent.data.tags["registered_version"]
     holder = mlflow.MlflowClient().get_model_version_by_alias("main-chat", "champion")
     assert holder.version == version == parent.data.tags["champion_version"]
@@ -90,12 +110,12 @@ def test_chain_nests_four_children_and_registers_the_winner(first):
     assert 'main: call @champion: mlflow models serve -m "models:/main-chat@champion"' in first.output
     # The UI tells the story: runs named after what they are, each with a one-sentence description.
     assert parent.data.tags["mlflow.runName"] == "main test"
-    assert (
-        "pipeline_wrapper ran, onnx_wrapper ran, evaluate ran, register ran" in parent.data.tags["mlflow.note.content"]
-    )
+    note = parent.data.tags["mlflow.note.content"]
+    assert "pipeline_wrapper ran, onnx_wrapper.int4 ran, onnx_wrapper.int8 ran, evaluate ran, register ran" in note
     names = {s: c.data.tags["mlflow.runName"] for s, c in children.items()}
-    assert names == {"pipeline_wrapper": "pipeline_wrapper", "onnx_wrapper": "onnx_wrapper int4",
-                     "evaluate": "evaluate", "register": "register"}  # fmt: skip
+    assert names == {"pipeline_wrapper": "pipeline_wrapper", "onnx_wrapper.int4": "onnx_wrapper int4",
+                     "onnx_wrapper.int8": "onnx_wrapper int8", "evaluate": "evaluate",
+                     "register": "register"}  # fmt: skip
     assert "accuracy" in children["evaluate"].data.tags["mlflow.note.content"]
     description = mlflow.MlflowClient().get_model_version("main-chat", version).description
     assert description.startswith(("ONNX Runtime GenAI pyfunc", "Transformers chat pipeline"))
@@ -144,18 +164,17 @@ def test_register_is_never_replayed_and_main_reports_the_registry_as_it_is(first
     assert f"@champion is version {v.version}" in done
 
 
-def test_changing_precision_reruns_all_but_pipeline_wrapper(first, mlflow_run, profile):
-    result = mlflow_run("main", {"params_file": str(profile), "precision": "int8"}, experiment=EXPERIMENT)
-    assert _cache(result.run) == {
-        "pipeline_wrapper": "reused",
-        "onnx_wrapper": "run",
-        "evaluate": "run",
-        "register": "run",
-    }
+def test_a_new_precision_runs_only_its_export_and_reuses_the_others(first, mlflow_run, profile):
+    result = mlflow_run("main", {"params_file": str(profile), "precisions": "int4,fp32"}, experiment=EXPERIMENT)
+    assert _cache(result.run) == {"pipeline_wrapper": "reused", "onnx_wrapper.int4": "reused",
+                                  "onnx_wrapper.fp32": "run", "evaluate": "run", "register": "run"}  # fmt: skip
     children = _children(result.run.info.run_id)
-    assert children["onnx_wrapper"].data.params["precision"] == "int8"
-    assert children["onnx_wrapper"].data.tags["precision"] == "int8"
-    assert result.run.data.metrics["onnx_accuracy"] >= 0.8  # int8 of the tiny model still answers
+    assert set(children) == {"onnx_wrapper.fp32", "evaluate", "register"}
+    assert children["onnx_wrapper.fp32"].data.tags["precision"] == "fp32"
+    assert (
+        result.run.data.tags["child.onnx_wrapper.int4.run_id"] == first.run.data.tags["child.onnx_wrapper.int4.run_id"]
+    )
+    assert result.run.data.metrics["onnx_fp32_accuracy"] == 1.0 and "onnx_int8_accuracy" not in result.run.data.metrics
     # The alias moves only on a strict improvement (or a latency gain beyond noise), and main
     # reports where it is now.
     tags = result.run.data.tags
@@ -169,8 +188,7 @@ def test_changing_precision_reruns_all_but_pipeline_wrapper(first, mlflow_run, p
 
 def test_changing_an_evaluation_knob_reruns_only_evaluate_and_register(first, mlflow_run, profile):
     result = mlflow_run("main", {"params_file": str(profile), "max_new_tokens": "24"}, experiment=EXPERIMENT)
-    expected = {"pipeline_wrapper": "reused", "onnx_wrapper": "reused", "evaluate": "run", "register": "run"}
-    assert _cache(result.run) == expected
+    assert _cache(result.run) == {**dict.fromkeys(STEPS[:3], "reused"), "evaluate": "run", "register": "run"}
 
 
 def test_changed_dataset_content_reruns_evaluate_and_the_gate_sees_it(first, mlflow_run, profile, tmp_path):
@@ -181,13 +199,12 @@ def test_changed_dataset_content_reruns_evaluate_and_the_gate_sees_it(first, mlf
     weekly = tmp_path / "weekly.yaml"
     weekly.write_text(yaml.safe_dump(values))
     before = mlflow_run("main", {"params_file": str(weekly)}, experiment=EXPERIMENT)
-    assert before.run.data.metrics["onnx_accuracy"] == 1.0
+    assert before.run.data.metrics["onnx_int4_accuracy"] == 1.0
     lines = data.read_text().splitlines()
     data.write_text("\n".join([lines[0]] + [",".join([row.rsplit(",", 1)[0], "Atlantis"]) for row in lines[1:]]))
     after = mlflow_run("main", {"params_file": str(weekly)}, experiment=EXPERIMENT)
-    assert _cache(after.run) == {"pipeline_wrapper": "reused", "onnx_wrapper": "reused", "evaluate": "run",
-                                 "register": "run"}  # fmt: skip
-    assert after.run.data.metrics["onnx_accuracy"] == 0.0
+    assert _cache(after.run) == {**dict.fromkeys(STEPS[:3], "reused"), "evaluate": "run", "register": "run"}
+    assert after.run.data.metrics["onnx_int4_accuracy"] == 0.0
     assert after.run.data.tags["alias_moved"] == "false" and "min_accuracy" in after.run.data.tags["alias_reason"]
     holder = mlflow.MlflowClient().get_model_version_by_alias("weekly-chat", "champion").version
     assert holder == before.run.data.tags["registered_version"] == after.run.data.tags["champion_version"]
@@ -200,29 +217,29 @@ def test_a_failing_step_fails_the_parent_by_name_and_a_rerun_resumes(
     shutil.copytree(onnx_fp32_dir, broken)
     good_config = (broken / "genai_config.json").read_text()
     (broken / "genai_config.json").write_text("{ not json")
-    params = {"params_file": str(profile), "onnx_model_dir": str(broken)}
+    params = {"params_file": str(profile), "onnx_model_dir": str(broken), "precisions": "int4"}
     failed = mlflow_run("main", params, experiment=EXPERIMENT, check=False)
     assert failed.proc.returncode != 0
     parent = failed.run
     assert parent.info.status == "FAILED"
     children = _children(parent.info.run_id)
-    assert set(children) == {"onnx_wrapper"}  # pipeline_wrapper reused, nothing after the failure
-    child = children["onnx_wrapper"]
+    assert set(children) == {"onnx_wrapper.prebuilt"}  # pipeline_wrapper reused, nothing after the failure
+    child = children["onnx_wrapper.prebuilt"]
     assert child.info.status == "FAILED"
-    assert f"step onnx_wrapper failed (run {child.info.run_id})" in failed.output
+    assert f"step onnx_wrapper.prebuilt failed (run {child.info.run_id})" in failed.output
     assert "onnx_model_dir" in child.data.tags["phi3.error"]
     # The cause is on the parent too, naming the step and its run, and it is what main prints last.
-    assert parent.data.tags["phi3.error"].startswith(f"step onnx_wrapper failed (run {child.info.run_id}): ")
+    assert parent.data.tags["phi3.error"].startswith(f"step onnx_wrapper.prebuilt failed (run {child.info.run_id}): ")
     assert child.data.tags["phi3.error"] in parent.data.tags["phi3.error"]
     assert child.data.tags["mlflow.note.content"] == f"Failed: {child.data.tags['phi3.error']}"
-    assert parent.data.tags["mlflow.note.content"].startswith("Failed: step onnx_wrapper failed")
+    assert parent.data.tags["mlflow.note.content"].startswith("Failed: step onnx_wrapper.prebuilt failed")
     last = failed.output.strip().splitlines()
     assert any(child.data.tags["phi3.error"] in line and line.startswith("error: main:") for line in last)
 
     (broken / "genai_config.json").write_text(good_config)
     resumed = mlflow_run("main", params, experiment=EXPERIMENT)
     cache = _cache(resumed.run)
-    assert cache["pipeline_wrapper"] == "reused" and cache["onnx_wrapper"] == "run"
+    assert cache["pipeline_wrapper"] == "reused" and cache["onnx_wrapper.prebuilt"] == "run"
     assert resumed.run.info.status == "FINISHED"
 
 
@@ -230,7 +247,10 @@ def test_a_failing_step_fails_the_parent_by_name_and_a_rerun_resumes(
     "params,needle",
     [
         ({"params_file": "params/nope.yaml"}, "params_file"),
-        ({"precision": "int3"}, "--precision"),
+        ({"precisions": "int3"}, "precisions: unknown precision 'int3'"),
+        ({"precisions": "int4,int4"}, "precisions: int4 is listed more than once"),
+        ({"precision": "int8"}, "precision: renamed to precisions"),
+        ({"precisions": "int4,int8", "onnx_model_dir": "/tmp"}, "precisions: a prebuilt onnx_model_dir"),
         ({"min_accuracy": "2"}, "--min_accuracy"),
         ({"use_cache": "maybe"}, "use_cache"),
         ({"model": "./not/here"}, "--model"),
@@ -317,13 +337,15 @@ def _artifact_dir(artifact_root: Path, model_uri: str) -> Path:
 
 def test_a_reused_run_whose_model_is_gone_runs_again(first, mlflow_run, profile, artifact_root, tmp_path):
     # Kept last in this module: it takes away the model the earlier tests reuse.
-    onnx_uri = _children(first.run.info.run_id)["onnx_wrapper"].data.tags["model_uri"]
+    onnx_uri = _children(first.run.info.run_id)["onnx_wrapper.int4"].data.tags["model_uri"]
     gone = _artifact_dir(artifact_root, onnx_uri)
     shutil.move(str(gone), str(tmp_path / "moved-away"))
     result = mlflow_run("main", {"params_file": str(profile), "max_new_tokens": "20"}, experiment=EXPERIMENT)
     cache = _cache(result.run)
-    assert cache["pipeline_wrapper"] == "reused" and cache["onnx_wrapper"] == "run" and cache["evaluate"] == "run"
-    assert f"onnx_wrapper: not reusing run {first.run.data.tags['child.onnx_wrapper.run_id']}" in result.output
+    assert cache["pipeline_wrapper"] == "reused" and cache["onnx_wrapper.int4"] == "run"
+    assert cache["onnx_wrapper.int8"] == "reused" and cache["evaluate"] == "run"
+    int4_run_id = first.run.data.tags["child.onnx_wrapper.int4.run_id"]
+    assert f"onnx_wrapper.int4: not reusing run {int4_run_id}" in result.output
     assert result.run.info.status == "FINISHED"
 
 

@@ -23,7 +23,7 @@ def small_csv(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluate_onnx(mlflow_run, int4_run, small_csv):
     def run(**params):
-        params = {"onnx_model_uri": int4_run.run.data.tags["model_uri"], "dataset": str(small_csv), **params}
+        params = {"onnx_model_uris": int4_run.run.data.tags["model_uri"], "dataset": str(small_csv), **params}
         return mlflow_run("evaluate", params, experiment="register").run_id
 
     return run
@@ -36,8 +36,14 @@ def good_eval(evaluate_onnx):
 
 @pytest.fixture(scope="module")
 def poor_eval(evaluate_onnx):
-    # Three tokens cannot hold "Rome" after "The capital of": accuracy 0.
-    return evaluate_onnx(max_new_tokens=3)
+    # Three tokens cannot hold "Rome" after "The capital of": accuracy 0, below min_accuracy 0.5.
+    return evaluate_onnx(max_new_tokens=3, min_accuracy=0.5)
+
+
+@pytest.fixture(scope="module")
+def poor_ungated_eval(evaluate_onnx):
+    # The same answers with no accuracy goal: it wins its evaluation, but is worse than good_eval.
+    return evaluate_onnx(max_new_tokens=3, min_accuracy=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def weaker_eval(evaluate_onnx, small_csv):
     1.0 but above a min_accuracy of 0.5, so both pass the gate and only the comparison separates them."""
     path = small_csv.parent / "weaker.csv"
     path.write_text(small_csv.read_text() + "What is the capital of Atlantis?,Poseidonia\n")
-    return evaluate_onnx(dataset=str(path))
+    return evaluate_onnx(dataset=str(path), min_accuracy=0.5)
 
 
 def _register(mlflow_run, eval_run_id, name, **params):
@@ -65,7 +71,7 @@ def test_registers_a_tagged_version_behind_the_alias_and_it_answers(mlflow_run, 
     [v] = _versions("reg-basic")
     assert v.source == int4_run.run.data.tags["model_uri"]
     assert v.tags["source_eval_run"] == good_eval
-    assert v.tags["wrapper"] == "onnx" and v.tags["precision"] == "int4"
+    assert v.tags["wrapper"] == "onnx" and v.tags["precision"] == "int4" and v.tags["candidate"] == "onnx_int4"
     assert float(v.tags["metric.accuracy"]) == 1.0
     assert "git_commit" in v.tags
     assert "accuracy 1.000" in v.description
@@ -81,7 +87,7 @@ def test_registers_a_tagged_version_behind_the_alias_and_it_answers(mlflow_run, 
 
 def test_a_failing_gate_registers_but_leaves_the_alias(mlflow_run, good_eval, poor_eval):
     _register(mlflow_run, good_eval, "reg-gate")
-    result = _register(mlflow_run, poor_eval, "reg-gate", min_accuracy=0.5)
+    result = _register(mlflow_run, poor_eval, "reg-gate")
     tags = result.run.data.tags
     assert tags["registered_version"] == "2" and tags["alias_moved"] == "false"
     assert "min_accuracy" in tags["alias_reason"] and "min_accuracy" in result.output
@@ -92,9 +98,9 @@ def test_a_failing_gate_registers_but_leaves_the_alias(mlflow_run, good_eval, po
     assert mlflow.MlflowClient().get_model_version_by_alias("reg-gate", "champion").version == "2"
 
 
-def test_a_worse_winner_than_the_current_champion_does_not_take_the_alias(mlflow_run, good_eval, poor_eval):
-    _register(mlflow_run, good_eval, "reg-compare", min_accuracy=0.0)
-    result = _register(mlflow_run, poor_eval, "reg-compare", min_accuracy=0.0)
+def test_a_worse_winner_than_the_current_champion_does_not_take_the_alias(mlflow_run, good_eval, poor_ungated_eval):
+    _register(mlflow_run, good_eval, "reg-compare")
+    result = _register(mlflow_run, poor_ungated_eval, "reg-compare")
     assert result.run.data.tags["alias_moved"] == "false"
     assert "worse" in result.run.data.tags["alias_reason"]
 
@@ -108,15 +114,13 @@ def _start_register(eval_run_id: str, name: str, *args: str) -> subprocess.Popen
 
 def test_parallel_registrations_give_distinct_versions_and_one_consistent_alias(good_eval, weaker_eval, tracking_uri):
     client = mlflow.MlflowClient()
-    weaker = float(client.get_run(weaker_eval).data.metrics["onnx_accuracy"])
-    assert 0.5 <= weaker < float(client.get_run(good_eval).data.metrics["onnx_accuracy"])
+    weaker = float(client.get_run(weaker_eval).data.metrics["onnx_int4_accuracy"])
+    assert 0.5 <= weaker < float(client.get_run(good_eval).data.metrics["onnx_int4_accuracy"])
     # Both evaluations pass the gate (min_accuracy 0.5), so both registrations may move the alias: when
     # they race, the better one must take it back if the weaker one wrote last. Two models, each pair
     # started together, in both launch orders.
     launches = {"reg-parallel-a": [good_eval, weaker_eval], "reg-parallel-b": [weaker_eval, good_eval]}
-    procs = {
-        (name, e): _start_register(e, name, "--min_accuracy", "0.5") for name, evals in launches.items() for e in evals
-    }
+    procs = {(name, e): _start_register(e, name) for name, evals in launches.items() for e in evals}
     outs = {key: p.communicate(timeout=300)[0] for key, p in procs.items()}
     assert all(p.returncode == 0 for p in procs.values()), outs
     for name in launches:
@@ -146,7 +150,6 @@ def test_odd_names_register_each_evaluation_once(good_eval, tracking_uri, name):
     [
         (["--eval_run_id", "0123456789abcdef0123456789abcdef"], "eval_run_id", {}),
         (["--eval_run_id", ""], "eval_run_id", {}),
-        (["--eval_run_id", "x", "--min_accuracy", "1.5"], "--min_accuracy", {}),
         (["--eval_run_id", "x", "--force", "maybe"], "--force", {}),
         (["--eval_run_id", "x", "--alias", "latest"], "alias", {}),
         (["--eval_run_id", "x", "--registered_model_name", "flat"], "registered_model_name",

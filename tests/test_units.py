@@ -10,7 +10,7 @@ from mlflow.exceptions import MlflowException
 from phi3mlflow import cache, metrics, registry
 from phi3mlflow.errors import InputError
 from phi3mlflow.evaluation import load_dataset
-from phi3mlflow.summary import Scores, Summary
+from phi3mlflow.summary import Candidate, Goals, Summary, build
 
 
 @pytest.mark.parametrize(
@@ -98,23 +98,60 @@ def test_filter_literals_are_quoted_by_what_they_contain():
     assert registry.quoted('it\'s "x"') is None
 
 
-def _scores(accuracy, p50, tokens_per_s, **extra) -> Scores:
-    return Scores(model_uri="models:/m-x", accuracy=accuracy, exact_match=accuracy, f1=accuracy, latency_p50_ms=p50,
-                  latency_p95_ms=p50, tokens_per_s=tokens_per_s, **extra)  # fmt: skip
+def _candidate(key, accuracy, p50, tokens_per_s) -> Candidate:
+    wrapper, precision = ("chat", "fp32") if key == "chat" else ("onnx", key.split("_", 1)[1])
+    return Candidate.scored(key, wrapper, precision, f"models:/m-{key}", {
+        "accuracy": accuracy, "exact_match": accuracy, "f1": accuracy, "latency_p50_ms": p50, "latency_p95_ms": p50,
+        "tokens_per_s": tokens_per_s})  # fmt: skip
 
 
-def _summary(chat_acc, onnx_acc, chat_p50=50.0, onnx_p50=10.0, metric="accuracy") -> Summary:
-    models = {"chat": _scores(chat_acc, chat_p50, 10.0), "onnx": _scores(onnx_acc, onnx_p50, 100.0)}
-    return Summary(metric, "onnx", "chat", None, models)
+def _summary(chat_acc, onnx_acc, chat_p50=50.0, onnx_p50=10.0, metric="accuracy", min_accuracy=0.5, max_drop=0.02):
+    candidates = [_candidate("chat", chat_acc, chat_p50, 10.0), _candidate("onnx_int4", onnx_acc, onnx_p50, 100.0)]
+    return build(candidates, metric, Goals(min_accuracy, max_drop), "chat")
 
 
-def test_choose_takes_the_best_candidate_that_meets_both_goals():
-    assert registry.choose(_summary(0.9, 0.9), 0.5, 0.02).key == "onnx"  # tie: faster wins
-    assert registry.choose(_summary(0.8, 0.9), 0.5, 0.02).key == "onnx"
-    refused = registry.choose(_summary(0.9, 0.85, metric="tokens_per_s"), 0.5, 0.02)
+def test_the_winner_is_the_best_candidate_that_meets_both_goals():
+    assert registry.choose(_summary(0.9, 0.9)).key == "onnx_int4"  # tie: faster wins
+    assert registry.choose(_summary(0.8, 0.9)).key == "onnx_int4"
+    refused = registry.choose(_summary(0.9, 0.85, metric="tokens_per_s"))
     assert refused.key == "chat" and refused.passes and "max_accuracy_drop" in refused.reason
-    none = registry.choose(_summary(0.3, 0.2), 0.5, 0.02)
+    none = registry.choose(_summary(0.3, 0.2))
     assert not none.passes and none.key == "chat" and "min_accuracy" in none.reason
+
+
+def test_candidates_are_ranked_with_their_difference_to_the_reference():
+    candidates = [_candidate("chat", 0.62, 300.0, 10.0), _candidate("onnx_fp32", 0.62, 40.0, 80.0),
+                  _candidate("onnx_int8", 0.61, 25.0, 120.0), _candidate("onnx_int4", 0.55, 15.0, 200.0)]  # fmt: skip
+    answers = {"chat": ["a", "b", "c", "d"], "onnx_fp32": ["a", "b", "c", "d"], "onnx_int8": ["a", "b", "c", "x"],
+               "onnx_int4": ["A.", "y", "z", "x"]}  # fmt: skip
+    summary = build(candidates, "accuracy", Goals(0.3, 0.05), "chat", answers)
+    assert [c.key for c in summary.candidates] == ["onnx_fp32", "chat", "onnx_int8", "onnx_int4"]
+    assert [c.rank for c in summary.candidates] == [1, 2, 3, 4]
+    assert summary.winner == "onnx_fp32" and summary.best == "onnx_fp32"
+    assert summary["onnx_int8"].accuracy_delta == pytest.approx(-0.01) and summary["onnx_int8"].agreement == 0.75
+    assert summary["onnx_int4"].agreement == 0.25  # "A." is "a" once normalised
+    assert not summary["onnx_int4"].meets_goals and "max_accuracy_drop" in summary["onnx_int4"].missed
+    assert summary["chat"].accuracy_delta is None and summary["chat"].agreement is None
+    assert Summary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+    # Sorted by f1 (equal to accuracy here) the same way; by a lower-is-better metric the fastest leads.
+    fastest = build([_candidate("chat", 0.62, 300.0, 10.0), _candidate("onnx_int4", 0.55, 15.0, 200.0)],
+                    "latency_p50_ms", Goals(0.3, 0.05), "chat")  # fmt: skip
+    assert fastest.best == "onnx_int4" and fastest.winner == "chat"
+
+
+def test_the_verdict_names_ties_wins_and_refusals():
+    from phi3mlflow import report
+
+    tie = _summary(1.0, 1.0, chat_p50=45.0, onnx_p50=17.0)
+    assert report.verdict(tie) == "onnx_int4 and chat tie on accuracy (1); decided by p50 latency (17 ms vs 45 ms)"
+    assert report.verdict(_summary(0.62, 0.61)) == "chat wins on accuracy: 0.62 vs onnx_int4 0.61"
+    refused = report.verdict(_summary(0.62, 0.57))
+    assert refused.startswith(
+        "chat is the only candidate that meets the goals (accuracy 0.62); refused: onnx_int4 loses"
+    )
+    assert report.verdict(_summary(0.2, 0.1)).startswith("no candidate meets the goals (chat accuracy 0.2 is below")
+    alone = build([_candidate("onnx_int4", 0.9, 10.0, 1.0)], "accuracy", Goals(), None)
+    assert report.verdict(alone) == "onnx_int4 alone: accuracy 0.9" and alone["onnx_int4"].accuracy_delta is None
 
 
 @pytest.mark.parametrize(
@@ -131,40 +168,40 @@ def test_choose_takes_the_best_candidate_that_meets_both_goals():
 )
 def test_the_alias_gate_moves_only_on_a_real_improvement(holder, force, moves, says):
     summary = _summary(0.9, 0.9)
-    decision = registry.gate(summary, registry.choose(summary, 0.5, 0.02), force, holder, "3")
+    decision = registry.gate(summary, registry.choose(summary), force, holder, "3")
     assert decision.move is moves and says in decision.reason
 
 
 def test_a_failing_choice_never_moves_the_alias_without_force():
     summary = _summary(0.3, 0.2)
-    choice = registry.choose(summary, 0.5, 0.02)
+    choice = registry.choose(summary)
     assert not registry.gate(summary, choice, False, None).move
     assert registry.gate(summary, choice, True, None).move
 
 
 def test_a_lower_is_better_metric_ranks_and_gates_the_other_way():
     summary = _summary(0.9, 0.9, chat_p50=50.0, onnx_p50=10.0, metric="latency_p50_ms")
-    assert registry.ranked(summary) == ["onnx", "chat"]
-    choice = registry.choose(summary, 0.5, 0.02)
-    assert choice.key == "onnx" and choice.passes
+    assert [c.key for c in summary.candidates] == ["onnx_int4", "chat"]
+    choice = registry.choose(summary)
+    assert choice.key == "onnx_int4" and choice.passes
     assert registry.gate(summary, choice, False, {"metric.latency_p50_ms": "20"}, "1").move  # 10 ms beats 20
     assert not registry.gate(summary, choice, False, {"metric.latency_p50_ms": "5"}, "1").move
 
 
 def test_the_accuracy_goals_hold_at_their_bounds_and_without_a_reference():
     # Exactly min_accuracy, and exactly max_accuracy_drop (0.9 - 0.88 is 0.0200...02 in floating point), pass.
-    assert registry.goals_failed(_summary(0.9, 0.88), "onnx", 0.88, 0.02) is None
-    assert "max_accuracy_drop" in registry.goals_failed(_summary(0.9, 0.87), "onnx", 0.5, 0.02)
-    assert "min_accuracy" in registry.goals_failed(_summary(0.9, 0.87), "onnx", 0.875, 1.0)
+    assert _summary(0.9, 0.88, min_accuracy=0.88)["onnx_int4"].meets_goals
+    assert "max_accuracy_drop" in _summary(0.9, 0.87)["onnx_int4"].missed
+    assert "min_accuracy" in _summary(0.9, 0.87, min_accuracy=0.875, max_drop=1.0)["onnx_int4"].missed
     # The reference is never measured against itself, and one evaluated model has no reference to lose to.
-    assert registry.goals_failed(_summary(0.9, 0.5), "chat", 0.5, 0.0) is None
-    alone = Summary("accuracy", "onnx", None, None, {"onnx": _scores(0.6, 10.0, 100.0)})
-    assert registry.choose(alone, 0.5, 0.0).key == "onnx" and registry.choose(alone, 0.5, 0.0).passes
+    assert _summary(0.9, 0.5, max_drop=0.0)["chat"].meets_goals
+    alone = build([_candidate("onnx_int4", 0.6, 10.0, 100.0)], "accuracy", Goals(0.5, 0.0), None)
+    assert registry.choose(alone).key == "onnx_int4" and registry.choose(alone).passes
 
 
 def test_a_tie_against_a_holder_without_a_latency_stays_and_names_the_holder():
     summary = _summary(0.9, 0.9)
-    choice = registry.choose(summary, 0.5, 0.02)
+    choice = registry.choose(summary)
     decision = registry.gate(summary, choice, False, {"metric.accuracy": "0.9"}, "7")
     assert not decision.move and "tie" in decision.reason and "version 7" in decision.reason
     decision = registry.gate(summary, choice, False, {"metric.accuracy": "0.8"})
@@ -226,15 +263,15 @@ def test_settle_alias_stops_when_the_alias_is_gone(monkeypatch):
 
 def test_version_tags_record_the_winner_its_metrics_and_provenance():
     summary = _summary(0.9, 0.85)
-    summary.models["onnx"].exact_match = 0.123456789
-    tags = registry.version_tags(summary, "onnx", "run1", {"precision": "int4", "source_model": "m"}, "abc")
-    assert tags == {"source_eval_run": "run1", "wrapper": "onnx", "precision": "int4", "source_model": "m",
+    summary["onnx_int4"].exact_match = 0.123456789
+    tags = registry.version_tags(summary, "onnx_int4", "run1", {"source_model": "m"}, "abc")
+    assert tags == {"source_eval_run": "run1", "candidate": "onnx_int4", "wrapper": "onnx", "precision": "int4",
+                    "source_model": "m",
                     "selected_metric": "accuracy", "metric.accuracy": "0.85", "metric.exact_match": "0.123457",
                     "metric.f1": "0.85", "metric.latency_p50_ms": "10", "metric.latency_p95_ms": "10",
                     "metric.tokens_per_s": "100", "git_commit": "abc"}  # fmt: skip
     assert registry.version_tags(summary, "chat", "r", {}, None)["precision"] == "fp32"
-    assert registry.version_tags(summary, "onnx", "r", {}, None)["precision"] == "unknown"
-    assert "git_commit" not in registry.version_tags(summary, "onnx", "r", {}, None)
+    assert "git_commit" not in registry.version_tags(summary, "onnx_int4", "r", {}, None)
 
 
 class _Versions:
@@ -310,24 +347,12 @@ def test_digests_follow_content_not_names(tmp_path, monkeypatch):
     assert cache.tree_digest(tmp_path / "a") != before
 
 
-def test_the_verdict_says_when_latency_broke_a_tie():
-    from phi3mlflow import report
-    from phi3mlflow.summary import Scores, Summary
-
-    def scores(acc, p50):
-        return Scores("models:/m-x", acc, acc, acc, p50, p50, 10.0)
-
-    tie = Summary("accuracy", "onnx", "chat", 1.0, {"chat": scores(1.0, 45.0), "onnx": scores(1.0, 17.0)})
-    assert report.verdict(tie) == "onnx and chat tie on accuracy (1); decided by p50 latency (17 ms vs 45 ms)"
-    win = Summary("accuracy", "chat", "chat", 0.5, {"chat": scores(0.62, 45.0), "onnx": scores(0.57, 17.0)})
-    assert report.verdict(win) == "chat wins on accuracy: 0.62 vs onnx 0.57"
-
-
 def test_run_names_calls_and_where_to_look():
     from phi3mlflow import report
 
     assert (
-        report.main_run_name("params/smollm2.yaml", {"precision": "int8", "model": ""}) == "main smollm2 precision=int8"
+        report.main_run_name("params/smollm2.yaml", {"precisions": "int8", "model": ""})
+        == "main smollm2 precisions=int8"
     )
     serve, curl = report.call_command("phi3-tiny-chat", "champion", "onnx")
     assert "models:/phi3-tiny-chat@champion" in serve and '"prompt"' in curl
@@ -339,12 +364,10 @@ def test_run_names_calls_and_where_to_look():
 
 
 def test_an_equal_score_is_a_tie_as_the_version_tags_store_it():
-    from phi3mlflow.summary import Scores, Summary
-
     acc = 97 / 132  # 0.7348484..., stored on the holder as "0.734848"
-    summary = Summary("accuracy", "onnx", "chat", 1.0, {"onnx": Scores("m", acc, 0, 0, 10.0, 10.0, 1.0)})
-    holder = registry.version_tags(summary, "onnx", "r", {}, None)
-    decision = registry.gate(summary, registry.choose(summary, 0.5, 1.0), False, holder, "1")
+    summary = build([_candidate("onnx_int4", acc, 10.0, 1.0)], "accuracy", Goals(0.5, 1.0), None)
+    holder = registry.version_tags(summary, "onnx_int4", "r", {}, None)
+    decision = registry.gate(summary, registry.choose(summary), False, holder, "1")
     assert not decision.move and decision.reason.startswith("tie on accuracy")
 
 

@@ -4,12 +4,17 @@
 code_paths=[<the phi3mlflow package>], model_config={...})``. Loading runs this file, which
 hands MLflow an ``OnnxChatModel`` through ``mlflow.models.set_model``.
 
-Input: a ``prompt`` column (one answer per row); params ``max_new_tokens``, ``temperature``,
-``top_p``, ``do_sample``. A plain prompt gets the model's chat template; a prompt that already
-carries the template's markers is passed through. Output: one string per prompt.
+Two inputs, one per row:
+- an OpenAI chat request (``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
+  ``n``=1; phi3mlflow.openai_chat checks it): one ``chat.completion`` object per row, the same as
+  the transformers chat model answers, generated through the model's og.Engine (phi3mlflow/engine.py);
+- a ``prompt`` column with params ``max_new_tokens``, ``temperature``, ``top_p``, ``do_sample``:
+  one string per prompt. A plain prompt gets the model's chat template; a prompt that already
+  carries the template's markers is passed through.
 model_config: ``intra_op_num_threads`` (0, the default, means all available cores), the
-default search options, and the caps on one request's work: ``max_prompts_per_request`` and
-``max_total_new_tokens`` (prompts x max_new_tokens); a request beyond them is refused (400).
+default search options, ``max_batch_size`` (requests the engine decodes together), and the caps
+on one request's work: ``max_prompts_per_request`` and ``max_total_new_tokens`` (prompts x
+max_new_tokens); a request beyond them is refused (400).
 """
 
 from __future__ import annotations
@@ -18,9 +23,19 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
-from phi3mlflow.genai import MAX_PROMPTS_PER_REQUEST, MAX_TOTAL_NEW_TOKENS, GenAIChat, InvalidRequest, SearchOptions
+from phi3mlflow import openai_chat
+from phi3mlflow.engine import Delta, Done, Failed, Turn
+from phi3mlflow.genai import (
+    MAX_BATCH_SIZE,
+    MAX_PROMPTS_PER_REQUEST,
+    MAX_TOTAL_NEW_TOKENS,
+    GenAIChat,
+    InvalidRequest,
+    SearchOptions,
+)
 
 ARTIFACT_KEY = "onnx_model"
+MODEL_NAME = "onnx"  # the chat.completion's "model" unless the request names one (the server names its model)
 
 
 def _invalid(message: str) -> MlflowException:
@@ -31,7 +46,11 @@ def _invalid(message: str) -> MlflowException:
 class OnnxChatModel(PythonModel):
     def load_context(self, context):
         config = dict(context.model_config or {})
-        self.chat = GenAIChat(context.artifacts[ARTIFACT_KEY], int(config.get("intra_op_num_threads", 0)))
+        self.chat = GenAIChat(
+            context.artifacts[ARTIFACT_KEY],
+            int(config.get("intra_op_num_threads", 0)),
+            int(config.get("max_batch_size", MAX_BATCH_SIZE)),
+        )
         self.defaults = SearchOptions(
             max_new_tokens=int(config.get("max_new_tokens", 64)),
             temperature=float(config.get("temperature", 0.0)),
@@ -78,7 +97,66 @@ class OnnxChatModel(PythonModel):
         except InvalidRequest as e:
             raise _invalid(str(e)) from None
 
-    def predict(self, context, model_input, params=None) -> list[str]:
+    # -- the OpenAI chat contract ---------------------------------------------------------------
+
+    def chat_turn(self, request: openai_chat.ChatRequest, params: dict | None = None) -> Turn:
+        """The engine's work for a checked chat request: the conversation through the chat template,
+        the model's logged defaults where the request leaves a field out. Raises InvalidRequest."""
+        # Through `mlflow models serve`, temperature and top_p arrive as params (the signature declares
+        # them there for prompt requests); a field of the request itself wins.
+        given = SearchOptions.from_params({k: v for k, v in (params or {}).items() if k in ("temperature", "top_p")},
+                                          self.defaults)  # fmt: skip
+        max_tokens = request.max_tokens or self.defaults.max_new_tokens
+        temperature = given.temperature if request.temperature is None else request.temperature
+        top_p = given.top_p if request.top_p is None else request.top_p
+        ids = self.chat.encode_messages(request.messages)
+        openai_chat.check_length(len(ids), max_tokens, self.chat.context_length)
+        return Turn(ids, max_tokens, temperature, top_p, request.stop)
+
+    def answer(self, turn: Turn, model: str = "") -> dict:
+        """One chat.completion, generated through the engine (batched with whatever else is in flight)."""
+        content, done = [], None
+        for event in self.chat.engine.events(turn):
+            if isinstance(event, Delta):
+                content.append(event.text)
+            elif isinstance(event, Failed):
+                raise MlflowException(event.message)
+            elif isinstance(event, Done):
+                done = event
+        assert done is not None
+        return openai_chat.completion(model or MODEL_NAME, "".join(content), done.finish_reason, done.prompt_tokens,
+                                      done.completion_tokens)  # fmt: skip
+
+    def _chat_rows(self, model_input) -> list[dict] | None:
+        """The rows of a chat request (a dict, or the DataFrame MLflow's schema check makes of it), or
+        None for a prompt request."""
+        if isinstance(model_input, dict):
+            return [model_input] if "messages" in model_input else None
+        columns = getattr(model_input, "columns", None)
+        if columns is None or "messages" not in columns:
+            return None
+        rows = []
+        for row in model_input.to_dict(orient="records"):
+            # Optional columns a row did not set arrive as None or NaN: the request left them out.
+            row = {k: _plain(v) for k, v in row.items() if k != "prompt" and not _missing(v)}
+            for k in ("max_tokens", "n"):
+                # An integer column with a missing cell in another row turns float.
+                if isinstance(row.get(k), float) and row[k].is_integer():
+                    row[k] = int(row[k])
+            rows.append(row)
+        return rows
+
+    def predict(self, context, model_input, params=None) -> list:
+        chat_rows = self._chat_rows(model_input)
+        if chat_rows is not None:
+            try:
+                requests = [openai_chat.parse(r, self.chat.context_length) for r in chat_rows]
+                turns = [self.chat_turn(r, params) for r in requests]
+            except InvalidRequest as e:
+                raise _invalid(str(e)) from None
+            if len(turns) > self.max_prompts:
+                raise _invalid(f"max_prompts_per_request: {len(turns)} requests; this model takes {self.max_prompts}")
+            return self._answer_all(turns, [r.model or "" for r in requests])
         opts = self._options(params)
         prompts = self._prompts(model_input)
         self._check_caps(prompts, opts)
@@ -88,6 +166,15 @@ class OnnxChatModel(PythonModel):
         except InvalidRequest as e:
             raise _invalid(str(e)) from None
         return [self.chat.tokenizer.decode(self.chat.generate_ids(x, opts)) for x in ids]
+
+    def _answer_all(self, turns: list[Turn], models: list[str]) -> list[dict]:
+        if len(turns) == 1:
+            return [self.answer(turns[0], models[0])]
+        # Rows submitted together decode as one engine batch.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(turns)) as pool:
+            return list(pool.map(self.answer, turns, models))
 
     def predict_stream(self, context, model_input, params=None):
         opts = self._options(params)
@@ -100,6 +187,21 @@ class OnnxChatModel(PythonModel):
         except InvalidRequest as e:
             raise _invalid(str(e)) from None
         yield from self.chat.stream_ids(ids, opts)
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _plain(value):
+    """numpy scalars and arrays (what a DataFrame cell holds) as the JSON types the check expects."""
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 mlflow.models.set_model(OnnxChatModel())

@@ -51,7 +51,8 @@ def _label(run) -> str:
     """A child as the parent names it: the entry point, and for onnx_wrapper its precision."""
     name, params = run.data.tags["mlflow.project.entryPoint"], run.data.params
     if name == "onnx_wrapper":
-        return f"{name}.{'prebuilt' if params.get('onnx_model_dir') else params['precision']}"
+        prebuilt = params.get("onnx_model_dir", "") not in ("", "''")  # MLflow logs an empty value as ''
+        return f"{name}.{'prebuilt' if prebuilt else params['precision']}"
     return name
 
 
@@ -133,9 +134,9 @@ def test_chain_nests_four_children_and_registers_the_winner(first):
 
 def test_identical_rerun_reuses_every_step_but_register(first, mlflow_run, profile):
     again = mlflow_run("main", {"params_file": str(profile)}, experiment=EXPERIMENT)
-    assert _cache(again.run) == {**dict.fromkeys(STEPS[:3], "reused"), "register": "run"}
+    assert _cache(again.run) == {**dict.fromkeys(STEPS[:4], "reused"), "register": "run"}
     assert set(_children(again.run.info.run_id)) == {"register"}
-    for s in STEPS[:3]:
+    for s in STEPS[:4]:
         assert again.run.data.tags[f"child.{s}.run_id"] == first.run.data.tags[f"child.{s}.run_id"]
     assert again.run.data.tags["registered_version"] == first.run.data.tags["registered_version"]
     assert again.run.data.tags["alias_moved"] == "false"  # it already points there
@@ -188,7 +189,7 @@ def test_a_new_precision_runs_only_its_export_and_reuses_the_others(first, mlflo
 
 def test_changing_an_evaluation_knob_reruns_only_evaluate_and_register(first, mlflow_run, profile):
     result = mlflow_run("main", {"params_file": str(profile), "max_new_tokens": "24"}, experiment=EXPERIMENT)
-    assert _cache(result.run) == {**dict.fromkeys(STEPS[:3], "reused"), "evaluate": "run", "register": "run"}
+    assert _cache(result.run) == {**dict.fromkeys(STEPS[:4], "reused"), "evaluate": "run", "register": "run"}
 
 
 def test_changed_dataset_content_reruns_evaluate_and_the_gate_sees_it(first, mlflow_run, profile, tmp_path):
@@ -203,7 +204,7 @@ def test_changed_dataset_content_reruns_evaluate_and_the_gate_sees_it(first, mlf
     lines = data.read_text().splitlines()
     data.write_text("\n".join([lines[0]] + [",".join([row.rsplit(",", 1)[0], "Atlantis"]) for row in lines[1:]]))
     after = mlflow_run("main", {"params_file": str(weekly)}, experiment=EXPERIMENT)
-    assert _cache(after.run) == {**dict.fromkeys(STEPS[:3], "reused"), "evaluate": "run", "register": "run"}
+    assert _cache(after.run) == {**dict.fromkeys(STEPS[:4], "reused"), "evaluate": "run", "register": "run"}
     assert after.run.data.metrics["onnx_int4_accuracy"] == 0.0
     assert after.run.data.tags["alias_moved"] == "false" and "min_accuracy" in after.run.data.tags["alias_reason"]
     holder = mlflow.MlflowClient().get_model_version_by_alias("weekly-chat", "champion").version
@@ -325,7 +326,7 @@ def test_runs_from_a_git_url_at_a_commit_and_a_docs_only_change_reuses_every_ste
     run = result.run
     assert run.data.tags["mlflow.source.git.commit"] == commit
     assert run.data.tags["phi3.code_version"] == first.run.data.tags["phi3.code_version"]
-    assert _cache(run) == {**dict.fromkeys(STEPS[:3], "reused"), "register": "run"}
+    assert _cache(run) == {**dict.fromkeys(STEPS[:4], "reused"), "register": "run"}
     [register] = _children(run.info.run_id).values()
     assert register.data.tags["mlflow.source.git.commit"] == commit
 

@@ -12,8 +12,9 @@ Inputs (flags, spelled like the MLproject parameters):
                     caps on one request's work (prompts; prompts x max_new_tokens), so one
                     request cannot hold a server past its timeout; beyond them: a 400
 Outputs:
-  a logged model named ``onnx_model`` ({"prompt": ...} in, text out; models-from-code, no pickle)
-  and the run tag ``model_uri`` (``models:/<id>``) naming it.
+  a logged model named ``onnx_model`` (OpenAI chat requests in, ``chat.completion`` objects out,
+  like the transformers chat model; and {"prompt": ...} in, text out; models-from-code, no
+  pickle) and the run tag ``model_uri`` (``models:/<id>``) naming it.
 Logged: the parameters, tags wrapper/precision/source_model, the model with its ONNX folder as an
 artifact, its signature (with params), input example and pinned requirements (no torch).
 """
@@ -57,11 +58,27 @@ def parse_args(argv=None):
 
 
 def signature(max_new_tokens: int, temperature: float):
-    """A prompt column in, one string out, and the generation params with the logged defaults."""
+    """Either input, all optional: a prompt column (one string out per prompt), or an OpenAI chat
+    request's fields (one chat.completion out); and the generation params with the logged defaults.
+    temperature and top_p are params, so `mlflow models serve` passes a chat request's fields of
+    those names there (the model reads them from either place)."""
     from mlflow.models import infer_signature
+    from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
 
     params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "do_sample": temperature > 0}
-    return infer_signature(INPUT_EXAMPLE, ["The capital of Spain is Madrid."], params=params)
+    inferred = infer_signature(INPUT_EXAMPLE, ["The capital of Spain is Madrid."], params=params)
+    message = Object([Property("role", DataType.string), Property("content", DataType.string)])
+    inferred.inputs = Schema(
+        [
+            ColSpec(DataType.string, "prompt", required=False),
+            ColSpec(Array(message), "messages", required=False),
+            ColSpec(DataType.long, "max_tokens", required=False),
+            ColSpec(Array(DataType.string), "stop", required=False),
+            ColSpec(DataType.long, "n", required=False),
+            ColSpec(DataType.boolean, "stream", required=False),
+        ]
+    )
+    return inferred
 
 
 def main(args) -> str:

@@ -69,7 +69,8 @@ def test_requirements_name_onnxruntime_genai_not_torch(int4_run):
 
 def test_signature_has_prompt_and_generation_params(int4_model):
     sig = int4_model.metadata.signature
-    assert sig.inputs.input_names() == ["prompt"]
+    # prompt requests, and the OpenAI chat request both wrappers answer.
+    assert sig.inputs.input_names() == ["prompt", "messages", "max_tokens", "stop", "n", "stream"]
     params = {p.name: p.default for p in sig.params.params}
     assert params == {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "do_sample": False}
 

@@ -1,0 +1,256 @@
+"""An OpenAI-compatible server for any model this project logs: ``python -m phi3mlflow.serve <model URI>``.
+
+Routes: ``POST /v1/chat/completions`` (with ``"stream": true``: server-sent events in OpenAI's chunk
+format, ending with ``data: [DONE]``), ``GET /v1/models``, and MLflow's own scoring server for the
+same loaded model (``POST /invocations``, ``GET /health``, ``/ping``, ``/version``):
+``mlflow.pyfunc.scoring_server.init`` builds the app and the OpenAI routes are added to it, so
+``/invocations`` answers exactly as ``mlflow models serve`` does. MLflow 3.17's
+``mlflow.genai.agent_server`` serves the Responses API of agents, not chat completions, so it is
+not used.
+
+Every request is checked (phi3mlflow.openai_chat) before any generation: a bad one gets a 400
+whose message names the field. The ONNX model generates through its og.Engine, so concurrent
+requests, streaming or not, are batched; a client that disconnects cancels its generation; more
+requests than the engine takes get a 503 with Retry-After. The transformers model answers one
+request at a time (its pipeline is not safe to call from several threads) and streams its answer
+as one chunk (the llm/v1/chat flavor has no token stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+# At module level: FastAPI reads the route's annotation (a string, with postponed evaluation) here.
+from fastapi import Request
+
+from phi3mlflow import openai_chat
+from phi3mlflow.engine import Delta, Done, Event, Failed, Overloaded, Turn
+from phi3mlflow.errors import InputError
+from phi3mlflow.genai import InvalidRequest
+
+# How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Prepared:
+    request: openai_chat.ChatRequest
+    turn: Turn
+
+
+class OnnxBackend:
+    """The ONNX pyfunc's og.Engine: concurrent requests batched, each cancellable."""
+
+    wrapper = "onnx"
+
+    def __init__(self, python_model):
+        self.model = python_model
+        self.context_length = python_model.chat.context_length
+        self.engine = python_model.chat.engine  # started now, not on the first request
+
+    def prepare(self, body) -> Prepared:
+        request = openai_chat.parse(body, self.context_length)
+        return Prepared(request, self.model.chat_turn(request))
+
+    async def events(self, prepared: Prepared) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        box: asyncio.Queue = asyncio.Queue()
+        ticket = self.engine.submit(prepared.turn, lambda e: loop.call_soon_threadsafe(box.put_nowait, e))
+        finished = False
+        try:
+            while not finished:
+                event = await box.get()
+                finished = not isinstance(event, Delta)
+                yield event
+        finally:
+            if not finished:  # the client went away: stop generating for it
+                self.engine.cancel(ticket)
+
+
+class PipelineBackend:
+    """The transformers llm/v1/chat model through its pyfunc, one request at a time."""
+
+    wrapper = "chat"
+
+    def __init__(self, pyfunc_model):
+        self.model = pyfunc_model
+        pipe = pyfunc_model.get_raw_model()
+        self.tokenizer = pipe.tokenizer
+        self.context_length = int(getattr(pipe.model.config, "max_position_embeddings", 0) or 0) or None
+        self.default_max_tokens = int((pyfunc_model.model_config or {}).get("max_new_tokens", 64))
+        self.lock = threading.Lock()
+
+    def prepare(self, body) -> Prepared:
+        request = openai_chat.parse(body, self.context_length)
+        max_tokens = request.max_tokens or self.default_max_tokens
+        try:
+            ids = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template error is the request's
+            raise InvalidRequest(f"messages: the model's chat template refused them: {e}") from None
+        prompt_tokens = len(self.tokenizer(ids, add_special_tokens=False)["input_ids"])
+        if self.context_length:
+            openai_chat.check_length(prompt_tokens, max_tokens, self.context_length)
+        return Prepared(request, Turn([], max_tokens, request.temperature or 0.0, request.top_p or 1.0, request.stop))
+
+    def _predict(self, prepared: Prepared) -> dict:
+        body: dict = {"messages": prepared.request.messages, "max_tokens": prepared.turn.max_tokens}
+        for name in ("temperature", "top_p"):
+            if getattr(prepared.request, name) is not None:
+                body[name] = getattr(prepared.request, name)
+        if prepared.request.stop:
+            body["stop"] = prepared.request.stop
+        with self.lock:
+            [out] = self.model.predict(body)
+        return out
+
+    async def events(self, prepared: Prepared) -> AsyncIterator[Event]:
+        out = await asyncio.to_thread(self._predict, prepared)
+        choice = out["choices"][0]
+        text, stopped = openai_chat.truncate_at_stop(choice["message"]["content"] or "", prepared.turn.stop)
+        yield Delta(text)
+        reason = "stop" if stopped else choice.get("finish_reason") or "stop"
+        yield Done(reason, int(out["usage"]["prompt_tokens"]), int(out["usage"]["completion_tokens"]))
+
+
+def backend_for(pyfunc_model):
+    if "transformers" in pyfunc_model.metadata.flavors:
+        return PipelineBackend(pyfunc_model)
+    python_model = pyfunc_model.unwrap_python_model()
+    if hasattr(python_model, "chat_turn"):
+        return OnnxBackend(python_model)
+    raise InputError("model_uri", "not a model this project logs (neither the chat nor the ONNX wrapper)")
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+
+    param = message.split(" ", 1)[0].split(":", 1)[0].split("[", 1)[0] if kind == "invalid_request_error" else None
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def build_app(pyfunc_model, model_name: str):
+    """MLflow's scoring app for ``pyfunc_model`` with the OpenAI routes added."""
+    from fastapi.responses import StreamingResponse
+    from mlflow.pyfunc import scoring_server
+
+    backend = backend_for(pyfunc_model)
+    app = scoring_server.init(pyfunc_model)
+    created = int(time.time())
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "phi3mlflow"}]}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        try:
+            body = json.loads(await http.body())
+        except ValueError as e:
+            return _error(400, f"body: not JSON ({e})")
+        try:
+            prepared = backend.prepare(body)
+        except InvalidRequest as e:
+            return _error(400, str(e))
+        events = backend.events(prepared)
+        try:
+            # The first event is awaited here, so an overloaded engine is a 503 rather than a broken stream.
+            first = await anext(events)
+        except Overloaded as e:
+            return _error(503, str(e), "overloaded", {"Retry-After": "1"})
+        if prepared.request.stream:
+            return StreamingResponse(_sse(first, events, prepared, model_name), media_type="text/event-stream")
+        return await _complete(http, first, events, prepared, model_name)
+
+    app.state.backend = backend
+    return app
+
+
+async def _complete(http, first: Event, events, prepared: Prepared, model_name: str):
+    from fastapi.responses import JSONResponse
+
+    parts: list[str] = []
+    event: Event | None = first
+    try:
+        while True:
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            elif isinstance(event, Failed):
+                return _error(500, event.message, "server_error")
+            elif isinstance(event, Done):
+                name = prepared.request.model or model_name
+                return JSONResponse(openai_chat.completion(name, "".join(parts), event.finish_reason,
+                                                           event.prompt_tokens, event.completion_tokens))  # fmt: skip
+            event = None
+            while event is None:
+                # Wake up now and then to see whether the client is still waiting for the answer.
+                try:
+                    event = await asyncio.wait_for(anext(events), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        return JSONResponse({}, status_code=499)
+    finally:
+        await events.aclose()  # cancels the generation if it is still running
+
+
+async def _sse(first: Event, events, prepared: Prepared, model_name: str):
+    id, created = openai_chat.new_id(), int(time.time())
+    name = prepared.request.model or model_name
+
+    def data(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    try:
+        yield data(openai_chat.chunk(id, name, created, {"role": "assistant", "content": ""}))
+        event = first
+        while True:
+            if isinstance(event, Delta):
+                if event.text:
+                    yield data(openai_chat.chunk(id, name, created, {"content": event.text}))
+            elif isinstance(event, Failed):
+                yield data({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
+                break
+            elif isinstance(event, Done):
+                usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                         "total_tokens": event.prompt_tokens + event.completion_tokens}  # fmt: skip
+                yield data(openai_chat.chunk(id, name, created, {}, event.finish_reason, usage))
+                break
+            event = await anext(events)
+        yield "data: [DONE]\n\n"
+    finally:
+        await events.aclose()  # a disconnected client lands here: cancel its generation
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m phi3mlflow.serve", description=__doc__.split("\n", 1)[0])
+    p.add_argument("model_uri", help="models:/<name>@<alias>, models:/<name>/<version>, models:/m-..., runs:/...")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model-name", default="", help="the id /v1/models reports (default: the model URI)")
+    return p.parse_args(argv)
+
+
+def serve(model_uri: str, host: str, port: int, model_name: str = "") -> None:
+    import mlflow
+    import uvicorn
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    app = build_app(model, model_name or model_uri)
+    print(f"serving {model_uri} ({app.state.backend.wrapper} wrapper) on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    serve(args.model_uri, args.host, args.port, args.model_name)
+
+
+if __name__ == "__main__":
+    main()

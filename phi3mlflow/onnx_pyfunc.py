@@ -86,6 +86,8 @@ class OnnxChatModel(PythonModel):
         else:
             raise _invalid("the input must have a 'prompt' field")
         # {"prompt": ["a", "b"]} arrives as one row holding a list: one answer per element.
+        # With the chat fields beside it in the signature, MLflow hands that list over as an array.
+        cells = [_plain(cell) if hasattr(cell, "tolist") and not isinstance(cell, str) else cell for cell in cells]
         prompts = [p for cell in cells for p in (list(cell) if isinstance(cell, list | tuple) else [cell])]
         if not prompts:
             raise _invalid("prompt: no prompts given")

@@ -33,6 +33,7 @@ TARGETS = {
     "int4_vs_chat_speedup": (">=", 7.0),
     "cache_rerun_ratio": ("<=", 0.10),
     "serve_vs_inprocess": ("<=", 1.2),
+    "serve_concurrency_throughput": (">=", 2.0),
 }
 # Figures with no target: the A/A control that says how much of a ratio is the machine's noise, and
 # the least a re-run under `mlflow run` can cost whatever a project does.
@@ -107,6 +108,7 @@ def main(args) -> dict:
             ("int4_vs_chat_speedup", lambda: fig.speedup(setup, args.pairs)),
             ("cache_rerun_ratio", lambda: fig.cache_rerun(setup, max(1, min(args.pairs, 5)))),
             ("serve_vs_inprocess", lambda: fig.serve_vs_inprocess(setup, max(5, args.pairs * 3))),
+            ("serve_concurrency_throughput", lambda: fig.serve_concurrency_throughput(setup, args.pairs)),
         ):
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()

@@ -365,3 +365,63 @@ def peak_rss(s: Setup) -> dict:
                               text=True, check=True, env=dict(os.environ))  # fmt: skip
         out[key if key == "chat" else f"onnx_{key}"] = int(proc.stdout.strip().splitlines()[-1]) / 1024
     return out
+
+
+CONCURRENT_CLIENTS = 8
+
+
+def _stream_chat(port: int, prompt: str, max_tokens: int) -> int:
+    """One streaming chat completion through the OpenAI-compatible server; its completion tokens."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}  # fmt: skip
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response, tokens = conn.getresponse(), 0
+    for line in response:
+        if line.startswith(b"data: {"):
+            usage = json.loads(line[6:]).get("usage")
+            tokens = usage["completion_tokens"] if usage else tokens
+    conn.close()
+    return tokens
+
+
+def serve_concurrency_throughput(s: Setup, pairs: int) -> dict:
+    """Generated tokens/s of the int4 ONNX model behind `python -m phi3mlflow.serve`: 8 concurrent
+    streaming clients (A) over the same 8 requests one after another (B). Above 1: the engine batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "phi3mlflow.serve", s.uris["int4"], "--port", str(port)], cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ), start_new_session=True,
+    )  # fmt: skip
+    prompts = [f"{s.prompt} ({i + 1})" for i in range(CONCURRENT_CLIENTS)]
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("python -m phi3mlflow.serve did not start") from None
+                time.sleep(0.5)
+        with ThreadPoolExecutor(CONCURRENT_CLIENTS) as pool:
+
+            def concurrent() -> int:
+                return sum(pool.map(lambda p: _stream_chat(port, p, s.new_tokens), prompts))
+
+            def sequential() -> int:
+                return sum(_stream_chat(port, p, s.new_tokens) for p in prompts)
+
+            out = interleaved(concurrent, sequential, pairs, ratio=lambda ra, ta, rb, tb: (ra / ta) / (rb / tb),
+                              reps=s.reps)  # fmt: skip
+        out["clients"] = CONCURRENT_CLIENTS
+        return out
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

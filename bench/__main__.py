@@ -37,7 +37,8 @@ TARGETS = {
 }
 # Figures with no target: the A/A control that says how much of a ratio is the machine's noise, and
 # the least a re-run under `mlflow run` can cost whatever a project does.
-REPORTED = ("noise_floor_int4", "cache_rerun_floor")
+# tracing_cost: an evaluation request with its trace over the same request untraced.
+REPORTED = ("noise_floor_int4", "cache_rerun_floor", "tracing_cost")
 
 
 def parse_args(argv=None):
@@ -104,6 +105,7 @@ def main(args) -> dict:
             ("onnx_overhead_fp32", lambda: fig.onnx_overhead(setup, "fp32", overhead_pairs)),
             ("onnx_overhead_int4", lambda: fig.onnx_overhead(setup, "int4", overhead_pairs)),
             ("noise_floor_int4", lambda: fig.noise_floor(setup, "int4", overhead_pairs)),
+            ("tracing_cost", lambda: fig.tracing_cost(setup, overhead_pairs)),
             ("chat_overhead", lambda: fig.chat_overhead(setup, args.pairs)),
             ("int4_vs_chat_speedup", lambda: fig.speedup(setup, args.pairs)),
             ("cache_rerun_ratio", lambda: fig.cache_rerun(setup, max(1, min(args.pairs, 5)))),

@@ -159,6 +159,30 @@ def onnx_overhead(s: Setup, precision: str, pairs: int) -> dict:
     return out
 
 
+def tracing_cost(s: Setup, pairs: int) -> dict:
+    """One evaluation request with its MLflow trace (A) against the same request with tracing off
+    (B), through evaluate's own caller on the int4 model: what a question's spans cost. The trace
+    is exported on MLflow's background thread, which shares the cores with generation."""
+    import mlflow
+
+    from phi3mlflow.evaluation import ModelRef, OnnxCaller
+
+    caller = OnnxCaller(ModelRef("onnx_int4", "onnx", "int4", s.uris["int4"], None), str(s.tmp / "tracing"))
+
+    def ask(traced: bool):
+        def call():
+            (mlflow.tracing.enable if traced else mlflow.tracing.disable)()
+            return caller(s.prompt, s.new_tokens, 0.0).text
+
+        return call
+
+    with mlflow.start_run(run_name="tracing_cost"):
+        try:
+            return interleaved(ask(True), ask(False), pairs, reps=s.reps)
+        finally:
+            mlflow.tracing.enable()
+
+
 def noise_floor(s: Setup, precision: str, pairs: int) -> dict:
     """A/A: the raw generate loop against itself, measured like the overhead figures. Its spread is
     what the machine alone does to a ratio."""

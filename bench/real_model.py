@@ -1,14 +1,13 @@
 """The real-model table: the chain's own records for one model at every precision, as Markdown.
 
-Run the chain once per precision on the real profile first, then read what it recorded:
+Run the chain on the real profile first (every precision is a candidate of one run), then read
+what it recorded:
 
-    for p in int4 int8 fp32; do
-      mlflow run . --env-manager local -P params_file=params/smollm2.yaml -P precision=$p
-    done
+    mlflow run . --env-manager local -P params_file=params/smollm2.yaml
     python -m bench.real_model [--model builtin:smollm2-135m-instruct] [--out real-model.json]
 
-For each precision, the newest FINISHED main run of that model gives the evaluation (accuracy
-overall and per category, agreement with the reference, tokens/s); each logged model's size is the
+Each candidate's row comes from the newest FINISHED main run of that model that evaluated it
+(accuracy overall and per category, agreement with the reference, tokens/s); each logged model's size is the
 sum of its artifact files, and its peak RSS is VmHWM of a fresh process that loads it and answers
 one question. Nothing is re-evaluated here.
 """
@@ -58,38 +57,28 @@ def collect(model: str) -> dict:
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
-    rows, chat = {}, None
+    rows: dict[str, dict] = {}
     for run in runs:
-        precision = run.data.params["effective.precision"]
-        if precision in rows:
-            continue
         ev = client.get_run(run.data.tags["child.evaluate.run_id"])
         summary = mlflow.artifacts.load_dict(f"{ev.info.artifact_uri}/summary.json")
-        onnx = summary["models"]["onnx"]
-        rows[precision] = {
-            "run_id": run.info.run_id,
-            "model_uri": onnx["model_uri"],
-            "accuracy": onnx["accuracy"],
-            "categories": {c: a["onnx"] for c, a in summary["categories"].items()},
-            "agreement": summary["agreement"],
-            "accuracy_delta": onnx["accuracy_delta"],
-            "tokens_per_s": onnx["tokens_per_s"],
-            "evaluated": ev.info.start_time,
-        }
-        if chat is None:
-            ref = summary["models"]["chat"]
-            chat = {
+        for c in summary.get("candidates", []):  # older runs logged another format
+            if c["key"] in rows:
+                continue
+            rows[c["key"]] = {
                 "run_id": run.info.run_id,
-                "model_uri": ref["model_uri"],
-                "accuracy": ref["accuracy"],
-                "categories": {c: a["chat"] for c, a in summary["categories"].items()},
-                "agreement": 1.0,
-                "accuracy_delta": 0.0,
-                "tokens_per_s": ref["tokens_per_s"],
+                "model_uri": c["model_uri"],
+                "accuracy": c["accuracy"],
+                "categories": {cat: a[c["key"]] for cat, a in summary["categories"].items()},
+                "agreement": 1.0 if c["agreement"] is None else c["agreement"],
+                "accuracy_delta": c["accuracy_delta"] or 0.0,
+                "tokens_per_s": c["tokens_per_s"],
+                "meets_goals": c["meets_goals"],
+                "evaluated": ev.info.start_time,
             }
-    if chat is None:
+    if "chat" not in rows:
         raise SystemExit(f"error: no FINISHED main run of {model}: run the chain on its profile first")
-    table = {"transformers (reference)": chat, **{f"ONNX {p}": rows[p] for p in ("fp32", "int8", "int4") if p in rows}}
+    table = {"transformers (reference)": rows["chat"],
+             **{f"ONNX {p}": rows[f"onnx_{p}"] for p in ("fp32", "int8", "int4") if f"onnx_{p}" in rows}}  # fmt: skip
     for name, row in table.items():
         request = (
             {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32}
@@ -103,11 +92,12 @@ def collect(model: str) -> dict:
 
 def markdown(table: dict) -> str:
     cats = sorted(next(iter(table.values()))["categories"])
-    head = ["model", "accuracy", *cats, "agreement", "tokens/s", "size MB", "peak RSS MB"]
+    head = ["model", "accuracy", *cats, "agreement", "tokens/s", "size MB", "peak RSS MB", "meets goals"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in table.items():
         cells = [name, f"{r['accuracy']:.3f}", *(f"{r['categories'][c]:.2f}" for c in cats), f"{r['agreement']:.3f}",
-                 f"{r['tokens_per_s']:.0f}", f"{r['size_mb']:.0f}", f"{r['peak_rss_mb']:.0f}"]  # fmt: skip
+                 f"{r['tokens_per_s']:.0f}", f"{r['size_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
+                 "yes" if r["meets_goals"] else "no"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

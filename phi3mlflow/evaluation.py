@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import abc
 import sys
-from collections.abc import Mapping
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,7 +250,7 @@ class OnnxCaller(Caller):
         return text, self.chat.completion_tokens(text, max_new_tokens), first
 
 
-CALLERS = {"chat": ChatCaller, "onnx": OnnxCaller}
+CALLERS: dict[str, type[ChatCaller] | type[OnnxCaller]] = {"chat": ChatCaller, "onnx": OnnxCaller}
 
 
 def check_fits(callers: list, questions: list[str], dataset: str, max_new_tokens: int) -> None:

@@ -143,17 +143,16 @@ def describe(summary: Summary, key: str, version_tags: dict, eval_run_id: str, n
     """The version's description: what it is, how to call it, then where it came from and how it scored."""
     best = summary[key]
     uri = f"models:/{name}/{version}"
-    if best.wrapper == "chat":
-        lead = (
-            "Transformers chat pipeline (llm/v1/chat): OpenAI chat requests in, chat.completion out. "
-            f"""Call: mlflow.pyfunc.load_model("{uri}")"""
-            """.predict({"messages": [{"role": "user", "content": "Hi"}]})."""
-        )
-    else:
-        lead = (
-            f"ONNX Runtime GenAI pyfunc, {version_tags[tags.PRECISION]}: prompts in, one answer each. "
-            f"""Call: mlflow.pyfunc.load_model("{uri}").predict({{"prompt": ["Hi"]}})."""
-        )
+    kind = (
+        "Transformers chat pipeline (llm/v1/chat)"
+        if best.wrapper == "chat"
+        else (f"ONNX Runtime GenAI pyfunc, {version_tags[tags.PRECISION]}")
+    )
+    lead = (
+        f"{kind}: OpenAI chat requests in, chat.completion out. "
+        f"""Call: mlflow.pyfunc.load_model("{uri}")"""
+        """.predict({"messages": [{"role": "user", "content": "Hi"}]})."""
+    )
     source = version_tags[tags.SOURCE_MODEL]
     if source.startswith(("/", "~", ".")) or source.startswith("gguf:"):
         source = source.rstrip("/").rsplit("/", 1)[-1]  # a local path says nothing to others

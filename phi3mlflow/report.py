@@ -53,16 +53,14 @@ def verdict(summary: Summary) -> str:
     return f"{text}; refused: {refused}" if refused else text
 
 
-def call_command(registered_model: str, alias: str, wrapper: str) -> list[str]:
-    """How to serve and call ``models:/<name>@<alias>``, in the request format of its wrapper."""
+def call_command(registered_model: str, alias: str) -> list[str]:
+    """How to serve and call ``models:/<name>@<alias>``: one OpenAI chat request, whichever wrapper holds it."""
     uri = f"models:/{registered_model}@{alias}"
-    if wrapper == "chat":
-        body = '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
-    else:
-        body = '{"inputs": {"prompt": ["What is the capital of France?"]}, "params": {"max_new_tokens": 32}}'
+    body = '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
     return [
         f'mlflow models serve -m "{uri}" --env-manager local --port 5001',
         f"curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d '{body}'",
+        f'python -m phi3mlflow.serve "{uri}" --port 8080  # OpenAI-compatible: /v1/chat/completions, streaming',
     ]
 
 

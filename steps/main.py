@@ -204,11 +204,10 @@ def main(args) -> dict:
         )
         note = f"{', '.join(ran)}, register ran. {report.verdict(summary)}. "
         mlflow.set_tags({**outcome, tags.BEST: outcome[tags.WINNER], report.NOTE: note + done})
-        champion_wrapper = registry.alias_tags(client, name, alias)[1] or {}
         look = report.where_to_look(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id)
     print(f"main: evaluation: {report.verdict(summary)}", flush=True)
     if champion:
-        for line in report.call_command(name, alias, champion_wrapper.get(tags.WRAPPER, outcome[tags.WINNER])):
+        for line in report.call_command(name, alias):
             print(f"main: call @{alias}: {line}", flush=True)
     print(f"main: look: {look}", flush=True)
     print(f"main: done: {done}", flush=True)

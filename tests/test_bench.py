@@ -20,7 +20,7 @@ PAIRS = {name: 1 for name in (*TARGETS, *REPORTED)} | {"serve_vs_inprocess": 5}
 # Figures whose per-pair ratio is A's seconds over B's: with one pair, the figure is a_median_s / b_median_s.
 # (int4_vs_chat_speedup is a tokens-per-second ratio, serve_vs_inprocess has five pairs.)
 TIME_RATIOS = ("onnx_overhead_fp32", "onnx_overhead_int4", "noise_floor_int4", "chat_overhead", "cache_rerun_ratio",
-               "cache_rerun_floor")  # fmt: skip
+               "cache_rerun_floor", "tracing_cost")  # fmt: skip
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path, model_cache):

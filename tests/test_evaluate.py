@@ -150,6 +150,7 @@ def test_every_question_leaves_a_trace_linked_to_its_model_with_token_counts(eva
             assert 0 < gen["ttft_ms"] < spans["generate"].end_time_ns / 1e6 - spans["generate"].start_time_ns / 1e6
 
 
+@pytest.mark.slow
 def test_custom_csv_with_other_columns_and_one_model(mlflow_run, int4_run, tmp_path):
     csv = tmp_path / "mine.csv"
     csv.write_text("q,gold\nWhat is the capital of Italy?,Rome\nWhat is the chemical symbol for iron?,Fe\n")

@@ -354,9 +354,9 @@ def test_run_names_calls_and_where_to_look():
         report.main_run_name("params/smollm2.yaml", {"precisions": "int8", "model": ""})
         == "main smollm2 precisions=int8"
     )
-    serve, curl = report.call_command("phi3-tiny-chat", "champion", "onnx")
-    assert "models:/phi3-tiny-chat@champion" in serve and '"prompt"' in curl
-    assert '"messages"' in report.call_command("phi3-tiny-chat", "champion", "chat")[1]
+    serve, curl, openai_server = report.call_command("phi3-tiny-chat", "champion")
+    assert "models:/phi3-tiny-chat@champion" in serve and '"messages"' in curl and "/invocations" in curl
+    assert openai_server.startswith('python -m phi3mlflow.serve "models:/phi3-tiny-chat@champion"')
     assert (
         report.where_to_look("http://127.0.0.1:5000/", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
     )

@@ -109,3 +109,24 @@ def test_a_bad_gguf_fails_main_in_one_line_naming_model(tmp_path, kind):
         bad.write_text("not a model\n")
     line = one_line_error(run_step("main", "--model", f"gguf:{bad}", timeout=60))
     assert "--model" in line and str(bad) in line, line
+
+
+def test_the_relative_gate_refuses_a_candidate_that_loses_too_much(real_chain, chat_run, mlflow_run, tmp_path):
+    """An honest loser: SmolLM2's int4 export as a candidate against the tiny memoriser on the
+    memoriser's own questions, which it answers in its own words and often wrongly."""
+    result, _ = real_chain
+    int4 = mlflow.get_run(result.run.data.tags["child.onnx_wrapper.int4.run_id"]).data.tags["model_uri"]
+    data = tmp_path / "twenty.jsonl"
+    data.write_text("".join((ROOT / "data/questions.jsonl").read_text().splitlines(keepends=True)[:20]))
+    evaluated = mlflow_run("evaluate", {"chat_model_uri": chat_run.run.data.tags["model_uri"], "onnx_model_uris": int4,
+                                        "dataset": str(data), "max_new_tokens": 32, "min_accuracy": 0.0,
+                                        "max_accuracy_drop": 0.05}, experiment="real-model")  # fmt: skip
+    summary = mlflow.artifacts.load_dict(f"{evaluated.run.info.artifact_uri}/summary.json")
+    loser = next(c for c in summary["candidates"] if c["key"] == "onnx_int4")
+    assert summary["reference"] == "chat" and loser["accuracy_delta"] < -0.05
+    assert not loser["meets_goals"] and "more than max_accuracy_drop 0.05" in loser["missed"]
+    assert summary["winner"] == evaluated.run.data.tags["winner"] == "chat"
+    registered = mlflow_run("register", {"eval_run_id": evaluated.run_id, "registered_model_name": "relative-gate"},
+                            experiment="real-model")  # fmt: skip
+    assert registered.run.data.tags["winner"] == "chat" and registered.run.data.tags["alias_moved"] == "true"
+    assert "onnx_int4 loses" in registered.run.data.tags["alias_reason"]

@@ -129,4 +129,7 @@ def test_the_relative_gate_refuses_a_candidate_that_loses_too_much(real_chain, c
     registered = mlflow_run("register", {"eval_run_id": evaluated.run_id, "registered_model_name": "relative-gate"},
                             experiment="real-model")  # fmt: skip
     assert registered.run.data.tags["winner"] == "chat" and registered.run.data.tags["alias_moved"] == "true"
-    assert "onnx_int4 loses" in registered.run.data.tags["alias_reason"]
+    version = mlflow.MlflowClient().get_model_version("relative-gate", registered.run.data.tags["registered_version"])
+    assert version.tags["candidate"] == "chat" and version.source == chat_run.run.data.tags["model_uri"]
+    # The evaluate run's description names the refusal.
+    assert "refused: onnx_int4 loses" in evaluated.run.data.tags["mlflow.note.content"]

@@ -112,6 +112,38 @@ class EngineLoop:
     def cancel(self, ticket: int) -> None:
         self._inbox.put(("cancel", ticket, None, None))
 
+    def answer_all(self, turns: list[Turn]) -> list[tuple[str, Done]]:
+        """Every turn's whole answer and its Done, submitted together so that they decode as engine
+        batches (of up to max_batch_size; the rest start as a batch finishes). Raises RuntimeError
+        when one fails, after the others are cancelled."""
+        results: list[list] = [[[], None] for _ in turns]
+        finished = threading.Semaphore(0)
+
+        def sink_for(i: int) -> Sink:
+            def sink(event: Event) -> None:
+                if isinstance(event, Delta):
+                    results[i][0].append(event.text)
+                else:
+                    results[i][1] = event
+                    finished.release()
+
+            return sink
+
+        tickets = []
+        try:
+            for i, turn in enumerate(turns):
+                tickets.append(self.submit(turn, sink_for(i)))
+            for _ in tickets:
+                finished.acquire()
+        except BaseException:
+            for ticket in tickets:
+                self.cancel(ticket)
+            raise
+        failed = next((r[1] for r in results if isinstance(r[1], Failed)), None)
+        if failed is not None:
+            raise RuntimeError(failed.message)
+        return [("".join(text), done) for text, done in results]
+
     def events(self, turn: Turn) -> Iterator[Event]:
         """A blocking iterator of ``turn``'s events, ending with Done or Failed; closing it early cancels."""
         box: queue.SimpleQueue = queue.SimpleQueue()

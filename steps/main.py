@@ -5,7 +5,9 @@ Inputs (flags, spelled like the MLproject parameters):
   --precisions   comma-separated ONNX precisions to compare (fp32, int8, int4), e.g. fp32,int8,int4
   --model, --onnx_model_dir, --serve_max_new_tokens, --max_new_tokens, --temperature, --engine,
   --registered_model_name, --min_accuracy, --max_accuracy_drop, --use_cache
-                 overrides of the profile's values; empty means "as in the profile"
+                 overrides of the profile's values; empty means "as in the profile". Under `mlflow run`
+                 they are passed as -P name=value although MLproject declares only params_file, so
+                 that the parent logs the overrides given and no empty ones
 Children (nested runs, each started with mlflow.run and the parent's env manager, one at a time:
 an export or an evaluation already uses every core, so running two at once only makes each slower):
   pipeline_wrapper(model, serve_max_new_tokens, temperature, trust_remote_code)

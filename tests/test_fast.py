@@ -66,7 +66,9 @@ def test_every_profile_key_reaches_a_step_or_main_itself():
     assert wired | {"use_cache", "precisions"} == set(PROFILE_KEYS)
     # main overrides only profile keys, and its MLproject parameters are exactly its flags.
     assert set(main.OVERRIDES) <= set(PROFILE_KEYS)
-    assert set(MLPROJECT["main"]["parameters"]) == {"params_file", *main.OVERRIDES}
+    # MLproject declares only the profile: overrides arrive as undeclared -P parameters (logged only when given).
+    assert set(MLPROJECT["main"]["parameters"]) == {"params_file"}
+    assert vars(main.parse_args(["--precisions", "int8"]))["precisions"] == "int8"
 
 
 def test_step_params_takes_profile_values_and_upstream_outputs():

@@ -166,6 +166,9 @@ def test_a_new_precision_runs_only_its_export_and_reuses_the_others(first, mlflo
     result = mlflow_run("main", {"params_file": str(profile), "precisions": "int4,fp32"}, experiment=EXPERIMENT)
     assert _cache(result.run) == {"pipeline_wrapper": "reused", "onnx_wrapper.int4": "reused",
                                   "onnx_wrapper.fp32": "run", "evaluate": "run", "register": "run"}  # fmt: skip
+    # The override given is a parameter of the parent; no override left empty is.
+    params = result.run.data.params
+    assert params["precisions"] == "int4,fp32" and "model" not in params and "''" not in params.values()
     children = _children(result.run.info.run_id)
     assert set(children) == {"onnx_wrapper.fp32", "evaluate", "register"}
     assert children["onnx_wrapper.fp32"].data.tags["precision"] == "fp32"

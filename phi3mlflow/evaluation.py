@@ -153,6 +153,9 @@ class Answer:
     completion_tokens: int
     prompt_tokens: int | None = None
     ttft_ms: float | None = None  # time to the first streamed text; None where the wrapper cannot stream
+    # Questions in the request that answered this one: latency_ms is that request's wall time, shared
+    # by all of them, so the wall time of a batch is latency_ms / batch_size summed over its answers.
+    batch_size: int = 1
 
 
 class Caller(abc.ABC):
@@ -175,6 +178,14 @@ class Caller(abc.ABC):
     @abc.abstractmethod
     def generate(self, question: str, max_new_tokens: int, temperature: float) -> tuple[str, int, float | None]:
         """(text, completion tokens, ms to the first token or None)."""
+
+    def batch_size(self, max_new_tokens: int) -> int:
+        """Questions sent in one request; 1 where the model answers one at a time."""
+        return 1
+
+    def ask(self, questions: list[str], max_new_tokens: int, temperature: float) -> list[Answer]:
+        """One request for ``questions``; the base class asks them one by one."""
+        return [self(q, max_new_tokens, temperature) for q in questions]
 
     def __call__(self, question: str, max_new_tokens: int, temperature: float) -> Answer:
         import mlflow
@@ -227,27 +238,71 @@ class ChatCaller(Caller):
 
 
 class OnnxCaller(Caller):
-    """The ONNX pyfunc, called with ``{"prompt": ...}`` and generation params as a user would, and
-    streamed, so that the time to the first token is measured."""
+    """The ONNX pyfunc, called with ``{"prompt": ...}`` and generation params as a user would.
 
-    def __init__(self, ref: ModelRef, dst_path: str | None = None):
+    Questions go in batches, ``{"prompt": [q1, ..., qn]}`` in one request, which the model decodes
+    as og.Engine batches: n is as many as one request may hold (the model's
+    ``max_prompts_per_request``, and ``max_total_new_tokens`` / max_new_tokens). Each batch leaves
+    one trace, its spans counting the tokens of the whole request (and per question); every answer's
+    latency is the batch's wall time, and there is no time to first token, since a batch does not
+    stream. A request of one question (``batch_size`` 1) is streamed, so its time to the first token
+    is measured."""
+
+    def __init__(self, ref: ModelRef, dst_path: str | None = None, batch_size: int | None = None):
         super().__init__(ref, dst_path)
         # The pyfunc returns text only; its own tokenizer counts the tokens.
-        self.chat = self.model.unwrap_python_model().chat
+        self.python_model = self.model.unwrap_python_model()
+        self.chat = self.python_model.chat
         self.context_length = self.chat.context_length
+        self._batch_size = batch_size
+
+    def batch_size(self, max_new_tokens: int) -> int:
+        if self._batch_size:
+            return self._batch_size
+        by_tokens = self.python_model.max_total_new_tokens // max(max_new_tokens, 1)
+        return max(1, min(self.python_model.max_prompts, by_tokens))
+
+    def ask(self, questions: list[str], max_new_tokens: int, temperature: float) -> list[Answer]:
+        if len(questions) == 1:
+            return [self(questions[0], max_new_tokens, temperature)]
+        import mlflow
+        from mlflow.entities import SpanType
+
+        n = len(questions)
+        start = time.perf_counter()
+        with mlflow.start_span(name=f"answer {self.key}", span_type=SpanType.CHAT_MODEL) as root:
+            root.set_inputs({"questions": questions, "max_new_tokens": max_new_tokens, "temperature": temperature})
+            root.set_attributes({"candidate": self.key, "model_uri": self.ref.uri, "batch_size": n})
+            with mlflow.start_span(name="chat_template", span_type=SpanType.PARSER) as span:
+                n_prompt = [self.prompt_tokens(q) for q in questions]
+                span.set_attributes({"prompt_tokens": sum(n_prompt), "prompt_tokens_per_question": n_prompt})
+            with mlflow.start_span(name="generate", span_type=SpanType.LLM) as span:
+                span.set_inputs({"questions": questions})
+                texts = list(self.model.predict({"prompt": questions}, params=_params(max_new_tokens, temperature)))
+                n_completion = [self.chat.completion_tokens(t, max_new_tokens) for t in texts]
+                span.set_outputs({"texts": texts})
+                span.set_attributes({"batch_size": n, "prompt_tokens": sum(n_prompt),
+                                     "completion_tokens": sum(n_completion),
+                                     "completion_tokens_per_question": n_completion})  # fmt: skip
+            root.set_outputs({"answers": texts})
+        ms = (time.perf_counter() - start) * 1000
+        return [Answer(t, ms, c, p, None, n) for t, c, p in zip(texts, n_completion, n_prompt, strict=True)]
 
     def prompt_tokens(self, question: str) -> int:
         return self.chat.prompt_tokens(question)
 
     def generate(self, question: str, max_new_tokens: int, temperature: float):
-        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
         start, first, chunks = time.perf_counter(), None, []
-        for chunk in self.model.predict_stream({"prompt": question}, params=params):
+        for chunk in self.model.predict_stream({"prompt": question}, params=_params(max_new_tokens, temperature)):
             if first is None:
                 first = (time.perf_counter() - start) * 1000
             chunks.append(chunk)
         text = "".join(chunks)
         return text, self.chat.completion_tokens(text, max_new_tokens), first
+
+
+def _params(max_new_tokens: int, temperature: float) -> dict:
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "do_sample": temperature > 0}
 
 
 CALLERS: dict[str, type[ChatCaller] | type[OnnxCaller]] = {"chat": ChatCaller, "onnx": OnnxCaller}
@@ -270,21 +325,37 @@ def check_fits(callers: list, questions: list[str], dataset: str, max_new_tokens
                 )
 
 
-def answer_all(caller, questions: list[str], max_new_tokens: int, temperature: float) -> list[Answer]:
-    """Ask every question: a bar with questions done and tokens/s on a terminal, and a line with
-    the totals when the model is done."""
+def answer_all(
+    caller, questions: list[str], max_new_tokens: int, temperature: float, batch_size: int | None = None
+) -> list[Answer]:
+    """Ask every question, in requests of ``batch_size`` questions (default: the caller's; the ONNX
+    model takes batches, the chat model one at a time): a bar with questions done and tokens/s on
+    a terminal, and a line with the totals when the model is done. tokens/s is the real throughput,
+    generated tokens over the wall time of the requests."""
     from phi3mlflow.progress import bar
 
+    size = batch_size or caller.batch_size(max_new_tokens)
     answers: list[Answer] = []
-    tokens, seconds = 0, 0.0
-    with bar(questions, desc=f"evaluate {caller.key}", unit="q") as progress:
-        for q in progress:
-            answers.append(caller(q, max_new_tokens, temperature))
-            tokens, seconds = tokens + answers[-1].completion_tokens, seconds + answers[-1].latency_ms / 1000
-            progress.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}", refresh=False)
-    rate = tokens / max(seconds, 1e-9)
-    print(f"evaluate: {caller.key}: {len(answers)} questions in {seconds:.1f} s, {rate:.0f} tokens/s", file=sys.stderr)
+    with bar(range(len(questions)), desc=f"evaluate {caller.key}", unit="q", total=len(questions)) as progress:
+        for i in range(0, len(questions), size):
+            batch = caller.ask(questions[i : i + size], max_new_tokens, temperature)
+            answers += batch
+            progress.update(len(batch))
+            progress.set_postfix(tok_s=f"{tokens_per_s(answers):.0f}", refresh=False)
+    seconds = wall_seconds(answers)
+    print(f"evaluate: {caller.key}: {len(answers)} questions in {seconds:.1f} s ({size} per request), "
+          f"{tokens_per_s(answers):.0f} tokens/s", file=sys.stderr)  # fmt: skip
     return answers
+
+
+def wall_seconds(answers: list[Answer]) -> float:
+    """The wall time of the requests that gave ``answers`` (a batch counted once)."""
+    return sum(a.latency_ms / a.batch_size for a in answers) / 1000
+
+
+def tokens_per_s(answers: list[Answer]) -> float:
+    """Generated tokens per second of wall time: the real throughput, batched or not."""
+    return sum(a.completion_tokens for a in answers) / max(wall_seconds(answers), 1e-9)
 
 
 REFERENCE = "chat"

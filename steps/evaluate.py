@@ -21,8 +21,14 @@ Outputs (on the run):
   artifacts ``summary.json`` (the ranked candidates, each with its scores, difference to the
   reference and goals met; per category when the dataset has a ``category`` column),
   ``comparison.png`` and the side-by-side table ``eval_table.json``. Each candidate's metrics are
-  also logged on its LoggedModel (``model_id``), linked to the dataset, and every question leaves
+  also logged on its LoggedModel (``model_id``), linked to the dataset, and every request leaves
   a trace linked to that model (local engine).
+Batches (local engine): an ONNX model gets its questions as requests of several prompts (as many as
+one request may hold: its max_prompts_per_request, and max_total_new_tokens / max_new_tokens), which
+it decodes as og.Engine batches; greedy answers equal one-at-a-time ones. A question's latency is
+then its batch's wall time (said so in summary.json, with questions_per_request), and tokens_per_s
+is generated tokens over the requests' wall time, the real throughput. Each request (a batch)
+leaves one trace; the transformers reference is asked one question per request.
 Checked before any question is asked: every row (non-empty text question, an answer), every URI,
 and that each question fits the context of every model evaluated. Answers may list aliases: "8 | eight".
 """
@@ -38,6 +44,12 @@ from phi3mlflow.cli import StepParser, non_negative_float, positive_int, run_mai
 from phi3mlflow.evaluation import DEFAULT_DATASET
 from phi3mlflow.metrics import METRICS
 from phi3mlflow.summary import Summary
+
+LATENCY_NOTE = (
+    "latency_p50_ms and latency_p95_ms are per question; questions asked in one request (an ONNX "
+    "model's batch, questions_per_request) each count the whole request's wall time. tokens_per_s is "
+    "generated tokens over the wall time of all requests, the real throughput."
+)
 
 
 def parse_args(argv=None):
@@ -106,6 +118,7 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
 
     table = data.copy()
     candidates, answers = [], {}
+    per_request: dict[str, int] = {}
     with mlflow.start_run():
         log_params_once(vars(args))
         dataset = from_pandas(data, source=str(Path(args.dataset).resolve()), name=Path(args.dataset).stem)
@@ -121,6 +134,9 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
             answers[ref.key] = [a.text for a in answered]
             rows = score_rows(answers[ref.key], data["expected"].tolist())
             scores = aggregate(rows, [a.latency_ms for a in answered], [a.completion_tokens for a in answered])
+            # A batch's questions share its wall time as their latency: throughput is over wall time.
+            scores["tokens_per_s"] = ev.tokens_per_s(answered)
+            per_request[ref.key] = max(a.batch_size for a in answered)
             candidates.append(Candidate.scored(ref.key, ref.wrapper, ref.precision, ref.uri, scores))
             table[f"{ref.key}_answer"] = answers[ref.key]
             table[f"{ref.key}_correct"] = [s == 1.0 for s in rows["accuracy"]]
@@ -147,7 +163,8 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
                 pairs = zip(answers[c.key], answers[reference], strict=True)
                 table[f"{c.key}_agrees"] = [normalize(a) == normalize(b) for a, b in pairs]
         mlflow.log_table(table, artifact_file="eval_table.json")
-        mlflow.log_dict(result.to_dict(), "summary.json")
+        mlflow.log_dict({**result.to_dict(), "questions_per_request": per_request, "latency": LATENCY_NOTE},
+                        "summary.json")  # fmt: skip
         mlflow.log_figure(ev.plot(result.candidates), "comparison.png")
         mlflow.set_tags({tags.BEST: result.best, tags.WINNER: result.winner})
         report.name_and_note("evaluate", f"{report.verdict(result)}.")

@@ -125,29 +125,62 @@ def test_each_candidates_metrics_are_on_its_logged_model_and_the_search_ranks_th
 
 
 @pytest.mark.slow
-def test_every_question_leaves_a_trace_linked_to_its_model_with_token_counts(eval_run):
+def test_every_request_leaves_a_trace_linked_to_its_model_with_token_counts(eval_run, tmp_path):
+    """The chat model is asked one question per request, the ONNX models in batches: every request
+    leaves one trace linked to its model, with its token counts (per question too in a batch)."""
     from phi3mlflow.summary import Summary
 
     run = eval_run.run
-    summary = Summary.from_dict(mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json"))
+    summary_dict = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")
+    summary = Summary.from_dict(summary_dict)
+    per_request = summary_dict["questions_per_request"]
+    n = len(tiny.load_questions())
+    # The tiny model's caps (32 prompts, 4096 tokens) at max_new_tokens 32: 32 questions a request.
+    assert per_request == {"chat": 1, "onnx_int4": 32, "onnx_int8": 32}
+    assert "wall time" in summary_dict["latency"]
     traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, return_type="list",
                                   max_results=1000)  # fmt: skip
-    assert len(traces) == len(KEYS) * len(tiny.load_questions())
+    requests = {k: -(-n // size) for k, size in per_request.items()}
+    assert len(traces) == sum(requests.values())
     by_model: dict[str, list] = {}
     for t in traces:
         by_model.setdefault(t.info.trace_metadata.get("mlflow.modelId"), []).append(t)
+    with open(_artifact(run.info.run_id, "eval_table.json", tmp_path)) as f:
+        table = json.load(f)
+    columns = table["columns"]
     for c in summary.candidates:
         mine = by_model[c.model_uri.split("/")[1]]
-        assert len(mine) == len(tiny.load_questions())
-        spans = {s.name: s for s in mine[0].data.spans}
-        assert set(spans) == {f"answer {c.key}", "chat_template", "generate"}
-        gen = spans["generate"].attributes
-        assert gen["prompt_tokens"] == spans["chat_template"].attributes["prompt_tokens"] > 5
-        assert 0 < gen["completion_tokens"] <= 32
-        # Only the ONNX model streams, so only it knows when its first token came.
-        assert ("ttft_ms" in gen) is (c.wrapper == "onnx")
-        if c.wrapper == "onnx":
-            assert 0 < gen["ttft_ms"] < spans["generate"].end_time_ns / 1e6 - spans["generate"].start_time_ns / 1e6
+        assert len(mine) == requests[c.key]
+        asked = 0
+        for trace in mine:
+            spans = {s.name: s for s in trace.data.spans}
+            assert set(spans) == {f"answer {c.key}", "chat_template", "generate"}
+            gen, template = spans["generate"].attributes, spans["chat_template"].attributes
+            assert gen["prompt_tokens"] == template["prompt_tokens"] > 5
+            if c.wrapper == "chat":
+                asked += 1
+                assert 0 < gen["completion_tokens"] <= 32
+                # The chat model cannot stream, so it does not know when its first token came.
+                assert "ttft_ms" not in gen
+                continue
+            if "batch_size" not in gen:
+                # A request of one question (97 = 3 x 32 + 1) is streamed: it knows its first token's time.
+                asked += 1
+                assert 0 < gen["completion_tokens"] <= 32
+                assert 0 < gen["ttft_ms"] < (spans["generate"].end_time_ns - spans["generate"].start_time_ns) / 1e6
+                continue
+            size = gen["batch_size"]
+            asked += size
+            assert "ttft_ms" not in gen
+            assert len(template["prompt_tokens_per_question"]) == len(gen["completion_tokens_per_question"]) == size
+            assert sum(template["prompt_tokens_per_question"]) == gen["prompt_tokens"]
+            assert sum(gen["completion_tokens_per_question"]) == gen["completion_tokens"]
+            assert all(0 < k <= 32 for k in gen["completion_tokens_per_question"])
+            assert len(spans[f"answer {c.key}"].outputs["answers"]) == size
+        assert asked == n
+        # In a batch every question's latency is the batch's wall time: a few distinct values.
+        latency = [row[columns.index(f"{c.key}_latency_ms")] for row in table["data"]]
+        assert len(set(latency)) == requests[c.key]
 
 
 @pytest.mark.slow

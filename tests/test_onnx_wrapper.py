@@ -61,6 +61,21 @@ def test_int4_run_logs_a_tagged_model_that_answers_the_bundled_questions(int4_ru
     assert correct / len(rows) >= 0.95
 
 
+def test_batched_greedy_answers_equal_one_at_a_time_on_the_bundled_set(int4_model):
+    """A request of many prompts decodes them as og.Engine batches (of max_batch_size, 8); its greedy
+    answers are the ones each prompt gets alone, through the plain generator loop."""
+    questions = [r["question"] for r in tiny.load_questions()]
+    params = {"max_new_tokens": 24}
+    alone = [int4_model.predict({"prompt": q}, params=params)[0] for q in questions]
+    batched = [a for i in range(0, len(questions), 32)
+               for a in int4_model.predict({"prompt": questions[i : i + 32]}, params=params)]  # fmt: skip
+    # Prompts of different lengths in one batch, out of order: still each prompt's own answer.
+    mixed = questions[::-7][:9]
+    assert int4_model.predict({"prompt": mixed}, params=params) == [alone[questions.index(q)] for q in mixed]
+    differ = [q for q, a, b in zip(questions, alone, batched, strict=True) if a != b]
+    assert differ == [], differ
+
+
 def test_requirements_name_onnxruntime_genai_not_torch(int4_run):
     reqs = open(mlflow.pyfunc.get_model_dependencies(int4_run.run.data.tags["model_uri"])).read()
     assert "onnxruntime-genai==" in reqs

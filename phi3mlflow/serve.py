@@ -14,6 +14,11 @@ requests, streaming or not, are batched; a client that disconnects cancels its g
 requests than the engine takes get a 503 with Retry-After. The transformers model answers one
 request at a time (its pipeline is not safe to call from several threads) and streams its answer
 as one chunk (the llm/v1/chat flavor has no token stream).
+
+``--trace`` (off by default: a trace costs every request a little, see ``tracing_cost`` in
+bench/README.md) leaves an MLflow trace per chat completion in the active tracking store, linked
+to the served logged model: a root span with the request and the answer, and a ``generate`` span
+with prompt and completion tokens, the finish reason and the time to the first token.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 # At module level: FastAPI reads the route's annotation (a string, with postponed evaluation) here.
@@ -118,6 +123,54 @@ class PipelineBackend:
         yield Done(reason, int(out["usage"]["prompt_tokens"]), int(out["usage"]["completion_tokens"]))
 
 
+class RequestTrace:
+    """One chat completion's MLflow trace (``--trace``). Spans are started and ended by hand: a
+    streamed answer outlives the request handler that starts it."""
+
+    def __init__(self, body: dict, wrapper: str):
+        import mlflow
+        from mlflow.entities import SpanType
+
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.parts: list[str] = []
+        self.root = mlflow.start_span_no_context(
+            "chat.completions", span_type=SpanType.CHAT_MODEL, inputs=body, attributes={"wrapper": wrapper}
+        )
+        self.generate = mlflow.start_span_no_context("generate", span_type=SpanType.LLM, parent_span=self.root)
+
+    def see(self, event: Event) -> None:
+        if isinstance(event, Delta) and event.text:
+            if self.first is None:
+                self.first = (time.perf_counter() - self.start) * 1000
+            self.parts.append(event.text)
+
+    def end(self, last: Event | None) -> None:
+        from mlflow.entities import SpanStatusCode
+
+        attributes: dict = {}
+        if isinstance(last, Done):
+            attributes = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+                          "finish_reason": last.finish_reason}  # fmt: skip
+        if self.first is not None:
+            attributes["ttft_ms"] = round(self.first, 3)
+        status = SpanStatusCode.OK if isinstance(last, Done) else SpanStatusCode.ERROR
+        self.generate.set_attributes(attributes)
+        self.generate.end(status=status)
+        self.root.end(outputs={"content": "".join(self.parts)}, status=status)
+
+
+async def _traced(events: AsyncGenerator[Event, None], trace: RequestTrace) -> AsyncIterator[Event]:
+    last: Event | None = None
+    try:
+        async for last in events:
+            trace.see(last)
+            yield last
+    finally:
+        trace.end(last)  # a disconnect or an overloaded engine ends it as an error
+        await events.aclose()  # closing this generator must still cancel the generation
+
+
 def backend_for(pyfunc_model):
     if "transformers" in pyfunc_model.metadata.flavors:
         return PipelineBackend(pyfunc_model)
@@ -135,13 +188,20 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def build_app(pyfunc_model, model_name: str):
-    """MLflow's scoring app for ``pyfunc_model`` with the OpenAI routes added."""
+def build_app(pyfunc_model, model_name: str, trace: bool = False):
+    """MLflow's scoring app for ``pyfunc_model`` with the OpenAI routes added; ``trace``: an MLflow
+    trace per chat completion, linked to the model."""
     from fastapi.responses import StreamingResponse
     from mlflow.pyfunc import scoring_server
 
     backend = backend_for(pyfunc_model)
     app = scoring_server.init(pyfunc_model)
+    if trace:
+        import mlflow
+
+        model_id = getattr(pyfunc_model.metadata, "model_id", None)
+        if model_id:
+            mlflow.set_active_model(model_id=model_id)
     created = int(time.time())
 
     @app.get("/v1/models")
@@ -160,6 +220,8 @@ def build_app(pyfunc_model, model_name: str):
         except InvalidRequest as e:
             return _error(400, str(e))
         events = backend.events(prepared)
+        if trace:
+            events = _traced(events, RequestTrace(body, backend.wrapper))
         try:
             # The first event is awaited here, so an overloaded engine is a 503 rather than a broken stream.
             first = await anext(events)
@@ -234,22 +296,23 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--model-name", default="", help="the id /v1/models reports (default: the model URI)")
+    p.add_argument("--trace", action="store_true", help="an MLflow trace per chat completion (off by default)")
     return p.parse_args(argv)
 
 
-def serve(model_uri: str, host: str, port: int, model_name: str = "") -> None:
+def serve(model_uri: str, host: str, port: int, model_name: str = "", trace: bool = False) -> None:
     import mlflow
     import uvicorn
 
     model = mlflow.pyfunc.load_model(model_uri)
-    app = build_app(model, model_name or model_uri)
+    app = build_app(model, model_name or model_uri, trace)
     print(f"serving {model_uri} ({app.state.backend.wrapper} wrapper) on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    serve(args.model_uri, args.host, args.port, args.model_name)
+    serve(args.model_uri, args.host, args.port, args.model_name, args.trace)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,12 @@ def _serve_and_ask(model_uri: str, experiment_id: str, log_path, *flags: str) ->
             plain = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=16)
             stream = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=16, stream=True)
             streamed = [c.usage for c in stream if c.usage is not None]
-            time.sleep(1)  # traces are exported on a background thread
+            # Traces are exported on a background thread, seconds later on a busy machine.
+            deadline = time.time() + (60 if "--trace" in flags else 5)
+            while len(_traces(experiment_id)) < 2 and time.time() < deadline:
+                time.sleep(0.5)
         finally:
-            stop(proc, timeout=30)  # SIGTERM: MLflow flushes its trace queue at exit
+            stop(proc, timeout=30)
     return [plain.usage, *streamed]
 
 

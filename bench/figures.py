@@ -19,7 +19,7 @@ import yaml
 from phi3mlflow import PROJECT_ROOT
 
 
-def interleaved(a, b, pairs: int, ratio=None, reps: int = 1) -> dict:
+def interleaved(a, b, pairs: int, ratio=None, reps: int = 1, warm: bool = True) -> dict:
     """Run a and b alternately (A B, B A, ...); ratio(ra, ta, rb, tb) per pair.
 
     Each side of a pair is one untimed call, then ``reps`` timed back-to-back calls (time per call),
@@ -27,7 +27,8 @@ def interleaved(a, b, pairs: int, ratio=None, reps: int = 1) -> dict:
     is there because with A B, B A order the first side of a pair follows itself and the second
     follows the other side, whose weights have just pushed its own out of the CPU caches: measured
     on int4, that alone made every other pair's ratio ~8 % high and the rest ~6 % low, so the median
-    of an odd number of pairs landed on whichever mode had one pair more.
+    of an odd number of pairs landed on whichever mode had one pair more. ``warm=False`` leaves the
+    untimed call out, for sides of many seconds, where cache effects are lost in the noise.
     """
     ratio = ratio or (lambda ra, ta, rb, tb: ta / tb)
     rows = []
@@ -35,7 +36,8 @@ def interleaved(a, b, pairs: int, ratio=None, reps: int = 1) -> dict:
         order = [(0, a), (1, b)] if i % 2 == 0 else [(1, b), (0, a)]
         got = {}
         for side, fn in order:
-            fn()
+            if warm:
+                fn()
             start = time.perf_counter()
             for _ in range(reps):
                 out = fn()
@@ -70,8 +72,10 @@ class Setup:
         """Calls per side of a pair for the generation figures."""
         return 1 if self.quick else 3
 
+    real: bool = False
+
     @classmethod
-    def create(cls, quick: bool, tmp: Path) -> Setup:
+    def create(cls, quick: bool, tmp: Path, real: bool = False) -> Setup:
         from phi3mlflow.cli import resolve_model_dir
         from phi3mlflow.onnx_export import export
         from phi3mlflow.tiny import BUILTIN_MODEL
@@ -81,6 +85,11 @@ class Setup:
             model, new_tokens = BUILTIN_MODEL, 16
             model_dir = Path(resolve_model_dir(model))
             prompt = "What is the capital of Spain?"
+        elif real:
+            model, new_tokens = REAL_MODEL, 128
+            model_dir = Path(resolve_model_dir(model))
+            # A question SmolLM2 answers at length, so that greedy decoding runs most of the 128 tokens.
+            prompt = "Write a long story about a dragon who learns to bake bread in a small mountain village."
         else:
             from bench.model import bench_model_dir
 
@@ -105,17 +114,29 @@ class Setup:
             messages = [{"role": "user", "content": p}]
             return len(tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)).input_ids)
 
-        while not quick and length(prompt) > 32:  # ~32 prompt tokens once the chat template is applied
+        while not quick and not real and length(prompt) > 32:  # ~32 prompt tokens once the chat template is applied
             prompt = prompt.rsplit(" ", 1)[0]
-        return cls(quick, tmp, model, model_dir, prompt, length(prompt), new_tokens, uris, folders)
+        return cls(quick, tmp, model, model_dir, prompt, length(prompt), new_tokens, uris, folders, real)
 
     def describe(self) -> str:
-        return "built-in tiny Phi-3 (~0.5 M params)" if self.quick else "random-weight Phi-3 (~42 M params)"
+        if self.quick:
+            return "built-in tiny Phi-3 (~0.5 M params)"
+        return "SmolLM2-135M-Instruct (real weights)" if self.real else "random-weight Phi-3 (~42 M params)"
+
+    def questions(self) -> list[str]:
+        """The questions eval_batch_speedup asks: 32 of the real set (one evaluation request), or in
+        quick mode 9 of the bundled set (a batch of 8 and a request of one, as evaluate sends them)."""
+        path = PROJECT_ROOT / ("data/questions.jsonl" if self.quick else "data/real_questions.jsonl")
+        rows = [json.loads(line)["question"] for line in path.read_text().splitlines() if line.strip()]
+        return rows[:9] if self.quick else rows[:32]
 
     def load(self, key: str):
         import mlflow
 
         return mlflow.pyfunc.load_model(self.uris[key])
+
+
+REAL_MODEL = "builtin:smollm2-135m-instruct"
 
 
 class RawGenAI:
@@ -181,6 +202,38 @@ def tracing_cost(s: Setup, pairs: int) -> dict:
             return interleaved(ask(True), ask(False), pairs, reps=s.reps)
         finally:
             mlflow.tracing.enable()
+
+
+def eval_batch_speedup(s: Setup, pairs: int) -> dict:
+    """evaluate's ONNX answering throughput (generated tokens over wall time, through its own caller
+    and answer_all, traced, greedy) with its batches (A) over the same questions one request each
+    (B), on the int4 model. Above 1: batching pays."""
+    import mlflow
+
+    from phi3mlflow import evaluation as ev
+
+    ref = ev.ModelRef("onnx_int4", "onnx", "int4", s.uris["int4"], None)
+    caller = ev.OnnxCaller(ref, str(s.tmp / "eval-batch"))
+    questions = s.questions()
+    new_tokens = 16 if s.quick else 48  # evaluate's max_new_tokens in the tiny and the real profile
+    batch = min(caller.batch_size(new_tokens), 8) if s.quick else caller.batch_size(new_tokens)
+
+    def ask(size: int):
+        return lambda: ev.answer_all(caller, questions, new_tokens, 0.0, batch_size=size)
+
+    same = []
+
+    def ratio(ra, ta, rb, tb):
+        same.append([a.text for a in ra] == [b.text for b in rb])
+        return ev.tokens_per_s(ra) / ev.tokens_per_s(rb)
+
+    with mlflow.start_run(run_name="eval_batch_speedup"):
+        # Each side of the real model runs for seconds: no untimed call (cache effects are noise there).
+        out = interleaved(ask(batch), ask(1), pairs, ratio=ratio, warm=s.quick)
+    out["same_answers"] = all(same)
+    out.update(questions=len(questions), questions_per_request=batch, max_new_tokens=new_tokens,
+               max_batch_size=caller.chat.engine.max_batch_size)  # fmt: skip
+    return out
 
 
 def noise_floor(s: Setup, precision: str, pairs: int) -> dict:
@@ -322,7 +375,8 @@ def serve_vs_inprocess(s: Setup, pairs: int) -> dict:
 
     uri = register_champion(s)
     model = mlflow.pyfunc.load_model(uri)
-    chat = "messages" in model.metadata.signature.inputs.input_names()
+    # The ONNX model's signature declares the chat request's fields too: only it takes prompts.
+    chat = "prompt" not in model.metadata.signature.inputs.input_names()
     body = _chat_request(s, s.new_tokens) if chat else {"prompt": s.prompt}
     payload = body if chat else {"inputs": {"prompt": [s.prompt]}}
     with socket.socket() as sock:

@@ -9,6 +9,11 @@ The bench model is converted to GGUF F32 and F16 by that script, then quantised 
 Q8_0 and Q4_0 with every tensor Q4_0 ("pure", closest to the ORT int4 export). Each figure is the
 median of interleaved per-pair ratios of llama.cpp's time over ours for the same 128 greedy tokens
 after the same prompt ids, prompt processing included, so > 1 means we are faster.
+
+With ``--model smollm2`` (the real model): llama.cpp runs the very Q4_1 file the project converts
+(``builtin:smollm2-135m-instruct``) against our int4 export of it, and Q8_0 and F16 that llama.cpp's
+own tools make from the same (dequantised) weights against our int8 and fp32; both sides stop at
+the end token. Parity counts how many greedy tokens of llama.cpp F32 and F16 agree with our fp32.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ PAIRS = {
     "onnx_fp32_vs_llamacpp_f16": ("fp32", "f16"),
 }
 TARGETS = {"onnx_int4_vs_llamacpp_q4_0": 1.10, "onnx_int8_vs_llamacpp_q8_0": 1.15}
+# On the real model (--model smollm2): llama.cpp runs the very Q4_1 file the project converts
+# (builtin:smollm2-135m-instruct), and Q8_0/F16/F32 that its own tools make from the same weights.
+REAL_PAIRS = {
+    "real_int4_vs_llamacpp_q4_1": ("int4", "q4_1"),
+    "real_int8_vs_llamacpp_q8_0": ("int8", "q8_0"),
+    "real_fp32_vs_llamacpp_f16": ("fp32", "f16"),
+}
+REAL_TARGETS = {"real_int4_vs_llamacpp_q4_1": 1.25, "real_int8_vs_llamacpp_q8_0": 1.15}
 
 # convert_hf_to_gguf refuses a BPE vocabulary whose pre-tokenizer it has no hash for (ours is
 # self-trained). Its split is the byte-level GPT-2 regex, which llama.cpp calls "gpt-2".
@@ -69,14 +82,24 @@ def llama_cpp_source(tmp: Path) -> tuple[Path, str]:
     return root / "vendor" / "llama.cpp", commit.group(1) if commit else "unknown"
 
 
-def convert(model_dir: Path, src: Path, out: Path, outtype: str) -> Path:
+_CONVERT_REAL = """
+import sys
+sys.path[:0] = [sys.argv.pop(1), sys.argv.pop(1)]
+import convert_hf_to_gguf
+convert_hf_to_gguf.main()
+"""
+
+
+def convert(model_dir: Path, src: Path, out: Path, outtype: str, real: bool = False) -> Path:
     script = out.parent / "convert.py"
-    script.write_text(_CONVERT)
+    # SmolLM2's tokenizer is one llama.cpp knows; the bench model's self-trained one needs "gpt-2".
+    script.write_text(_CONVERT_REAL if real else _CONVERT)
     proc = subprocess.run([sys.executable, str(script), str(src), str(src / "gguf-py"), str(model_dir),
                            "--outtype", outtype, "--outfile", str(out),
                            # A name with "phi3" in it makes llama.cpp give Phi-3's own special tokens
                            # (</s>, <unk>) attributes, and fail to load a vocabulary without them.
-                           "--model-name", "bench-random"], capture_output=True, text=True)  # fmt: skip
+                           "--model-name", "smollm2" if real else "bench-random"],
+                          capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf --outtype {outtype} failed:\n{proc.stderr[-3000:]}")
     return out
@@ -108,9 +131,13 @@ class LlamaCpp:
                          **chosen)  # fmt: skip
 
     def ids(self, prompt_ids: list[int], new_tokens: int) -> list[int]:
+        """Greedy ids up to ``new_tokens``, ending before an end token (as ORT GenAI's sequence does)."""
         self.llm.reset()
         out = []
+        eos = self.llm.token_eos()
         for token in self.llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+            if token == eos:
+                break
             out.append(token)
             if len(out) == new_tokens:
                 break
@@ -144,17 +171,24 @@ def run(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
     gguf_dir = tmp / "gguf"
     gguf_dir.mkdir()
     src, commit = llama_cpp_source(tmp)
-    ggufs = {t: convert(setup.model_dir, src, gguf_dir / f"model-{t}.gguf", t) for t in ("f32", "f16")}
-    for kind in FTYPES:
+    real = setup.real
+    pairs_of = REAL_PAIRS if real else PAIRS
+    ggufs = {t: convert(setup.model_dir, src, gguf_dir / f"model-{t}.gguf", t, real) for t in ("f32", "f16")}
+    for kind in ("q8_0",) if real else FTYPES:
         ggufs[kind] = quantize(ggufs["f16"], gguf_dir / f"model-{kind}.gguf", kind)
+    if real:
+        from phi3mlflow.gguf import builtin_smollm2_path
+
+        ggufs["q4_1"] = builtin_smollm2_path()  # the shipped file itself
     folders = {p: export(str(setup.model_dir), p) for p in ("fp32", "int8", "int4")}
-    # fp16 is not a precision the wrapper offers (no fp16 kernels on most CPUs), so it is measured raw.
-    folders["fp16"] = tmp / "ort-fp16"
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(setup.model_dir),
-                    "-o", str(folders["fp16"]), "-p", "fp16", "-e", "cpu", "-c", str(tmp / "hf-cache")],
-                   check=True, capture_output=True)  # fmt: skip
+    if not real:
+        # fp16 is not a precision the wrapper offers (no fp16 kernels on most CPUs), so it is measured raw.
+        folders["fp16"] = tmp / "ort-fp16"
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(setup.model_dir),
+                        "-o", str(folders["fp16"]), "-p", "fp16", "-e", "cpu", "-c", str(tmp / "hf-cache")],
+                       check=True, capture_output=True)  # fmt: skip
     uris = dict(setup.uris)
-    args = ["--model", str(setup.model_dir), "--precision", "int8", "--serve_max_new_tokens", str(setup.new_tokens)]
+    args = ["--model", setup.model, "--precision", "int8", "--serve_max_new_tokens", str(setup.new_tokens)]
     uris["int8"] = onnx_wrapper.main(onnx_wrapper.parse_args(args))
 
     chat = GenAIChat(folders["fp32"], threads)
@@ -165,16 +199,24 @@ def run(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
     # Parity: llama.cpp F32 and ORT fp32 greedy ids for the same prompt ids.
     f32 = LlamaCpp(ggufs["f32"], threads)
     llama_tokens = f32.llm.tokenize(chat.format_prompt(setup.prompt).encode(), add_bos=False, special=True)
+    ours = [int(t) for t in chat.generate_ids(prompt_ids, opts)]
+    theirs = f32.ids(prompt_ids, n)
     parity = {
         "same_prompt_ids": list(llama_tokens) == list(prompt_ids),
-        "f32_ids_equal_ort_fp32": f32.ids(prompt_ids, n) == chat.generate_ids(prompt_ids, opts),
+        "f32_ids_equal_ort_fp32": theirs == ours,
+        "ort_fp32_tokens": len(ours),
+        "f32_tokens_agreeing": _agreeing(theirs, ours),
     }
     del f32
+    if real:
+        f16 = LlamaCpp(ggufs["f16"], threads)
+        parity["f16_tokens_agreeing"] = _agreeing(f16.ids(prompt_ids, n), ours)
+        del f16
 
     import mlflow
 
     figures, raw_figures, ttft = {}, {}, {}
-    for name, (precision, kind) in PAIRS.items():
+    for name, (precision, kind) in pairs_of.items():
         llama = LlamaCpp(ggufs[kind], threads)
         wrapped = mlflow.pyfunc.load_model(uris[precision])
         raw = fig.RawGenAI(folders[precision], threads)
@@ -183,7 +225,7 @@ def run(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
             lambda w=wrapped: w.predict({"prompt": setup.prompt}, params={"max_new_tokens": n}),
             pairs, reps=setup.reps,
         )  # fmt: skip
-        raw_figures[name.replace("onnx_", "raw_ortgenai_")] = fig.interleaved(
+        raw_figures[name.replace("onnx_", "raw_ortgenai_").replace("real_", "real_raw_ortgenai_")] = fig.interleaved(
             lambda llama=llama: llama.ids(prompt_ids, n), lambda r=raw: r(setup.prompt, n), pairs, reps=setup.reps
         )
         t = fig.interleaved(
@@ -193,10 +235,11 @@ def run(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
         )
         ttft[f"llamacpp_{kind}"], ttft[f"onnx_{precision}"] = t["a_median_s"], t["b_median_s"]
         del llama, wrapped, raw
-    f16, ort16 = LlamaCpp(ggufs["f16"], threads), fig.RawGenAI(folders["fp16"], threads)
-    raw_figures["raw_ortgenai_fp16_vs_llamacpp_f16"] = fig.interleaved(
-        lambda: f16.ids(prompt_ids, n), lambda: ort16(setup.prompt, n), pairs, reps=setup.reps
-    )
+    if not real:
+        f16, ort16 = LlamaCpp(ggufs["f16"], threads), fig.RawGenAI(folders["fp16"], threads)
+        raw_figures["raw_ortgenai_fp16_vs_llamacpp_f16"] = fig.interleaved(
+            lambda: f16.ids(prompt_ids, n), lambda: ort16(setup.prompt, n), pairs, reps=setup.reps
+        )
     for r in (figures | raw_figures).values():
         r["a_tokens_per_s"], r["b_tokens_per_s"] = n / r["a_median_s"], n / r["b_median_s"]
     return {
@@ -206,7 +249,7 @@ def run(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
         "figures": figures,
         "raw_figures": raw_figures,
         "ttft_s": ttft,
-        "peak_rss_mb": peak_rss(ggufs, uris, prompt_ids, setup, threads),
+        "peak_rss_mb": peak_rss(ggufs, uris, prompt_ids, setup, threads, [k for _, k in pairs_of.values()]),
         "gguf_mb": {k: round(p.stat().st_size / 2**20, 1) for k, p in ggufs.items()},
     }
 
@@ -221,11 +264,16 @@ print(next(line.split()[1] for line in open("/proc/self/status") if line.startsw
 """
 
 
-def peak_rss(ggufs: dict, uris: dict, prompt_ids, setup: fig.Setup, threads: int) -> dict:
+def _agreeing(a: list[int], b: list[int]) -> int:
+    """Greedy tokens that agree before the first difference."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def peak_rss(ggufs: dict, uris: dict, prompt_ids, setup: fig.Setup, threads: int, kinds: list[str]) -> dict:
     from phi3mlflow import PROJECT_ROOT
 
     out = {}
-    for kind in ("q4_0", "q8_0", "f16"):
+    for kind in kinds:
         proc = subprocess.run([sys.executable, "-c", _RSS, str(PROJECT_ROOT), str(ggufs[kind]), str(threads),
                                json.dumps(list(prompt_ids)), str(setup.new_tokens)],
                               capture_output=True, text=True, check=True)  # fmt: skip
@@ -243,7 +291,7 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in {**report["figures"], **report["raw_figures"]}.items():
-        target = TARGETS.get(name)
+        target = {**TARGETS, **REAL_TARGETS}.get(name)
         met = "" if target is None else ("yes" if r["median"] >= target else "no")
         goal = f">= {target}" if target else "(reported)"
         rows.append(

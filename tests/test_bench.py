@@ -10,17 +10,18 @@ import sys
 
 import pytest
 
-from bench.__main__ import REPORTED, TARGETS
+from bench.__main__ import REAL_REPORTED, REAL_TARGETS, REPORTED, TARGETS
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-# Quick mode: one pair per figure (--pairs 1), except serve_vs_inprocess, which takes at least 5.
-PAIRS = {name: 1 for name in (*TARGETS, *REPORTED)} | {"serve_vs_inprocess": 5}
+# Quick mode: one pair per figure (--pairs 1), except serve_vs_inprocess, which takes at least 5; the
+# real-model figures (--model smollm2) run on the tiny model.
+PAIRS = {name: 1 for name in (*TARGETS, *REPORTED, *REAL_TARGETS, *REAL_REPORTED)} | {"serve_vs_inprocess": 5}
 # Figures whose per-pair ratio is A's seconds over B's: with one pair, the figure is a_median_s / b_median_s.
 # (int4_vs_chat_speedup is a tokens-per-second ratio, serve_vs_inprocess has five pairs.)
 TIME_RATIOS = ("onnx_overhead_fp32", "onnx_overhead_int4", "noise_floor_int4", "chat_overhead", "cache_rerun_ratio",
-               "cache_rerun_floor", "tracing_cost")  # fmt: skip
+               "cache_rerun_floor", "tracing_cost", "real_onnx_overhead_int4", "real_noise_floor_int4")  # fmt: skip
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path, model_cache):
@@ -48,8 +49,8 @@ def test_quick_benchmark_reports_every_figure(tmp_path, model_cache):
         assert row, (name, proc.stdout)
         cells = [c.strip() for c in row.group(1).split("|")]
         assert cells[:3] == [f"{fig['median']:.3f}", f"{fig['min']:.3f}", f"{fig['max']:.3f}"], (name, cells)
-        if name in TARGETS:
-            op, target = TARGETS[name]
+        if name in TARGETS or name in REAL_TARGETS:
+            op, target = {**TARGETS, **REAL_TARGETS}[name]
             met = fig["median"] <= target if op == "<=" else fig["median"] >= target
             assert cells[3:5] == [f"{op} {target}", "yes" if met else "no"], (name, cells)
         else:
@@ -57,6 +58,11 @@ def test_quick_benchmark_reports_every_figure(tmp_path, model_cache):
     assert report["figures"]["serve_vs_inprocess"]["wrapper"] == "onnx"
     assert report["figures"]["onnx_overhead_fp32"]["same_output"] is True
     assert report["figures"]["onnx_overhead_int4"]["same_output"] is True
+    assert report["figures"]["real_onnx_overhead_int4"]["same_output"] is True
+    # evaluate's batches (8 questions, then 1) give the answers of one question per request.
+    batch = report["figures"]["eval_batch_speedup"]
+    assert batch["same_answers"] is True
+    assert (batch["questions"], batch["questions_per_request"], batch["max_new_tokens"]) == (9, 8, 16)
     assert (report["mode"], report["pairs"], report["overhead_pairs"], report["calls_per_side"]) == ("quick", 1, 1, 1)
     assert report["new_tokens"] == 16 and report["prompt_tokens"] > 0
     assert report["versions"]["onnxruntime-genai"] == "0.18.0"

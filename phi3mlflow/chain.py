@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,7 @@ class Chain:
                 return self._record(StepResult(label, hit.info.run_id, True))
             print(f"main: {label}: not reusing run {hit.info.run_id}: {problem}; running again", flush=True)
         print(f"main: {label}: running with {params}", flush=True)
+        launched_ms = int(time.time() * 1000)
         try:
             submitted = mlflow.run(
                 str(PROJECT_ROOT),
@@ -181,7 +183,7 @@ class Chain:
                 synchronous=True,
             )
         except Exception as e:  # noqa: BLE001 - the step's own failure, or its environment's (virtualenv, conda)
-            failed = self._latest_child(name)
+            failed = self._latest_child(name, launched_ms)
             cause = (failed.data.tags.get(tags.ERROR) if failed else None) or f"{type(e).__name__}: {e}"
             if failed is not None and failed.info.status == "RUNNING":
                 self.client.set_tag(failed.info.run_id, tags.ERROR, cause[:1000])
@@ -196,11 +198,12 @@ class Chain:
             self.client.set_tag(submitted.run_id, k, v)
         return self._record(StepResult(label, submitted.run_id, False))
 
-    def _latest_child(self, name: str):
+    def _latest_child(self, name: str, since_ms: int):
+        """The run this launch of ``name`` created, if it got that far (not an earlier sibling's)."""
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
-            f"and tags.`mlflow.project.entryPoint` = '{name}'",
+            f"and tags.`mlflow.project.entryPoint` = '{name}' and attributes.start_time >= {since_ms}",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )

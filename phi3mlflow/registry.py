@@ -17,7 +17,7 @@ EVAL_RUN_TAG = tags.SOURCE_EVAL_RUN
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
 # Unity Catalog: each of catalog.schema.model non-empty, without spaces, dots, slashes or control characters.
 _UC_PART = re.compile(r"^[^\s./\\:\x00-\x1f\x7f`]+$")
-# An equal score moves the alias only if the newcomer's p50 latency is this much lower: the same
+# An equal score moves the alias only if the newcomer's time per question is this much lower: the same
 # model timed twice on a shared 2-core machine differs by up to ~24 % (the benchmark's A/A pairs),
 # and two evaluation runs are timed minutes apart.
 TIE_BREAK_MARGIN = 0.25
@@ -93,7 +93,7 @@ def gate(
     """Whether the alias moves to the chosen candidate.
 
     ``current`` holds the tags of the version the alias points to now (None when unset). The alias
-    moves on a strict improvement of the selected metric, or on an equal score with a p50 latency
+    moves on a strict improvement of the selected metric, or on an equal score with a time per question
     more than TIE_BREAK_MARGIN lower; never on a tie within noise.
     """
     best = summary.models[choice.key]
@@ -114,10 +114,11 @@ def gate(
         return Decision(True, f"{metric} {ours:.4g} beats {holder}'s {theirs:.4g}")
     if better(metric, theirs, ours):
         return Decision(False, f"{metric} {ours:.4g} is worse than {holder}'s {theirs:.4g}")
-    mine, their_p50 = stored(best.latency_p50_ms), current.get("metric.latency_p50_ms")
-    if their_p50 is not None and mine < float(their_p50) * (1 - TIE_BREAK_MARGIN):
+    mine, their_time = stored(best.ms_per_question), current.get("metric.ms_per_question")
+    if their_time is not None and mine < float(their_time) * (1 - TIE_BREAK_MARGIN):
         gain = (
-            f"p50 latency {mine:.4g} ms beats {holder}'s {float(their_p50):.4g} ms by more than {TIE_BREAK_MARGIN:.0%}"
+            f"{mine:.4g} ms per question beats {holder}'s {float(their_time):.4g} ms by more than "
+            f"{TIE_BREAK_MARGIN:.0%}"
         )
         return Decision(True, f"tie on {metric} ({theirs:.4g}); {gain}")
     return Decision(False, f"tie on {metric} ({theirs:.4g}) with {holder}, no latency gain beyond noise: it stays")
@@ -159,7 +160,7 @@ def describe(summary: Summary, key: str, version_tags: dict, eval_run_id: str, n
     return (
         f"{lead} Model: {source}. Won evaluation run {eval_run_id} on {summary.metric}: "
         f"accuracy {best.accuracy:.3f}, exact match {best.exact_match:.3f}, "
-        f"p50 latency {best.latency_p50_ms:.1f} ms, {best.tokens_per_s:.0f} tokens/s."
+        f"{best.ms_per_question:.1f} ms per question, {best.tokens_per_s:.0f} tokens/s."
     )
 
 

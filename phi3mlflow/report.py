@@ -40,10 +40,10 @@ def verdict(summary: Summary) -> str:
     tied = [c for c in eligible if c[metric] == winner[metric]]
     if tied:
         names = [winner.key, *(c.key for c in tied)]
-        times = ", ".join(f"{c.latency_p50_ms:.0f} ms" for c in tied)
+        times = ", ".join(f"{c.ms_per_question:.0f} ms" for c in tied)
         text = (
-            f"{', '.join(names[:-1])} and {names[-1]} tie on {metric} ({winner[metric]:.4g}); decided by p50 latency "
-            f"({winner.latency_p50_ms:.0f} ms vs {times})"
+            f"{', '.join(names[:-1])} and {names[-1]} tie on {metric} ({winner[metric]:.4g}); decided by time per "
+            f"question ({winner.ms_per_question:.0f} ms vs {times})"
         )
     elif eligible:
         runner = eligible[0]

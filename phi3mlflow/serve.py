@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -108,8 +110,8 @@ class PipelineBackend:
         for name in ("temperature", "top_p"):
             if getattr(prepared.request, name) is not None:
                 body[name] = getattr(prepared.request, name)
-        if prepared.request.stop:
-            body["stop"] = prepared.request.stop
+        # No "stop" for the flavor: MLflow's llm/v1/chat pipeline would reload the tokenizer by the
+        # model's name to honour it (a hub download); events() cuts the answer at the stop strings.
         with self.lock:
             [out] = self.model.predict(body)
         return out
@@ -183,7 +185,9 @@ def backend_for(pyfunc_model):
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
-    param = message.split(" ", 1)[0].split(":", 1)[0].split("[", 1)[0] if kind == "invalid_request_error" else None
+    # The checks' messages start with the field ("messages[0].role: ..."); others name none.
+    named = re.match(r"^([A-Za-z_]\w*)[\w.\[\]]*:", message) if kind == "invalid_request_error" else None
+    param = named.group(1) if named else None
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -250,14 +254,14 @@ async def _complete(http, first: Event, events, prepared: Prepared, model_name: 
                 name = prepared.request.model or model_name
                 return JSONResponse(openai_chat.completion(name, "".join(parts), event.finish_reason,
                                                            event.prompt_tokens, event.completion_tokens))  # fmt: skip
-            event = None
-            while event is None:
-                # Wake up now and then to see whether the client is still waiting for the answer.
-                try:
-                    event = await asyncio.wait_for(anext(events), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await http.is_disconnected():
-                        return JSONResponse({}, status_code=499)
+            # Wake up now and then to see whether the client is still waiting for the answer. The
+            # pending step is waited on, never cancelled: cancelling it would end the generator.
+            pending = asyncio.ensure_future(anext(events))
+            while not (await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S))[0]:
+                if await http.is_disconnected():
+                    pending.cancel()
+                    return JSONResponse({}, status_code=499)
+            event = pending.result()
     finally:
         await events.aclose()  # cancels the generation if it is still running
 
@@ -304,7 +308,10 @@ def serve(model_uri: str, host: str, port: int, model_name: str = "", trace: boo
     import mlflow
     import uvicorn
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as e:  # noqa: BLE001 - any failure to load is the URI's
+        raise InputError("model_uri", f"cannot load {model_uri!r}: {str(e).strip().splitlines()[0][:300]}") from None
     app = build_app(model, model_name or model_uri, trace)
     print(f"serving {model_uri} ({app.state.backend.wrapper} wrapper) on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
@@ -312,7 +319,10 @@ def serve(model_uri: str, host: str, port: int, model_name: str = "", trace: boo
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    serve(args.model_uri, args.host, args.port, args.model_name, args.trace)
+    try:
+        serve(args.model_uri, args.host, args.port, args.model_name, args.trace)
+    except InputError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,7 @@ def _main(args, stack: contextlib.ExitStack) -> Summary:
             scores = aggregate(rows, [a.latency_ms for a in answered], [a.completion_tokens for a in answered])
             # A batch's questions share its wall time as their latency: throughput is over wall time.
             scores["tokens_per_s"] = ev.tokens_per_s(answered)
+            scores["ms_per_question"] = ev.wall_seconds(answered) * 1000 / len(answered)
             per_request[ref.key] = max(a.batch_size for a in answered)
             candidates.append(Candidate.scored(ref.key, ref.wrapper, ref.precision, ref.uri, scores))
             table[f"{ref.key}_answer"] = answers[ref.key]

@@ -19,7 +19,8 @@ A child is reused when a FINISHED run of it had the same parameters, the same co
 and the same content in every file or folder its parameters name (dataset, model folder or GGUF
 file, ONNX folder), and its outputs still resolve. register changes the registry, so it always runs.
 Logged on the parent: every effective value as ``effective.<name>``, tags child.<step>.run_id and
-child.<step>.cache (run/reused; the ONNX children as onnx_wrapper.<precision>), registered_version,
+child.<step>.cache (run/reused; the ONNX children as onnx_wrapper.<precision>, or
+onnx_wrapper.prebuilt for an onnx_model_dir), registered_version,
 winner, alias_moved, champion_version (read from the registry when the chain ends), phi3.error
 when a step fails or the chain is cancelled, and the evaluation's metrics.
 """
@@ -94,6 +95,7 @@ def plan(args) -> dict:
         "register": register,
     }
     precisions = parse_precisions(values["precisions"], values["onnx_model_dir"])
+    values["precisions"] = ",".join(precisions)  # as effective.precisions logs it: "int4, int8" is int4,int8
     for name, step in steps.items():
         for p in precisions if name == "onnx_wrapper" else [""]:
             params = step_params(name, values, {"precision": p})
@@ -190,7 +192,10 @@ def main(args) -> dict:
             mlflow.set_tags({tags.ERROR: cause, report.NOTE: f"Cancelled: {cause}"})
             raise
         eval_run, reg_run = client.get_run(up["eval"]), client.get_run(reg.run_id)
-        mlflow.log_metrics(eval_run.data.metrics)
+        # The candidates' metrics (<key>_<metric>); the bare names on the evaluate run are its
+        # LoggedModel metrics, one value per candidate, which say nothing on the parent.
+        mlflow.log_metrics({k: v for k, v in eval_run.data.metrics.items() if "_" in k and k.split("_", 1)[0] in
+                            ("chat", "onnx")})  # fmt: skip
         told = (tags.REGISTERED_MODEL, tags.REGISTERED_VERSION, tags.WINNER, tags.ALIAS_MOVED, tags.ALIAS_REASON)
         outcome = {k: reg_run.data.tags.get(k, "") for k in told}
         # What the registry says now, not what the step believed: another job may have moved it since.
@@ -205,7 +210,7 @@ def main(args) -> dict:
             f"@{alias} {moved} ({outcome['alias_reason']}); @{alias} is version {champion or 'unset'}"
         )
         note = f"{', '.join(ran)}, register ran. {report.verdict(summary)}. "
-        mlflow.set_tags({**outcome, tags.BEST: outcome[tags.WINNER], report.NOTE: note + done})
+        mlflow.set_tags({**outcome, tags.BEST: summary.best, report.NOTE: note + done})
         look = report.where_to_look(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id)
     print(f"main: evaluation: {report.verdict(summary)}", flush=True)
     if champion:

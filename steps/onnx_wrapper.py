@@ -12,7 +12,7 @@ Inputs (flags, spelled like the MLproject parameters):
                     caps on one request's work (prompts; prompts x max_new_tokens), so one
                     request cannot hold a server past its timeout; beyond them: a 400
 Outputs:
-  a logged model named ``onnx_model`` (OpenAI chat requests in, ``chat.completion`` objects out,
+  a logged model named ``onnx_<precision>`` (OpenAI chat requests in, ``chat.completion`` objects out,
   like the transformers chat model; and {"prompt": ...} in, text out; models-from-code, no
   pickle) and the run tag ``model_uri`` (``models:/<id>``) naming it.
 Logged: the parameters, tags wrapper/precision/source_model, the model with its ONNX folder as an

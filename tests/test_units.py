@@ -102,7 +102,7 @@ def _candidate(key, accuracy, p50, tokens_per_s) -> Candidate:
     wrapper, precision = ("chat", "fp32") if key == "chat" else ("onnx", key.split("_", 1)[1])
     return Candidate.scored(key, wrapper, precision, f"models:/m-{key}", {
         "accuracy": accuracy, "exact_match": accuracy, "f1": accuracy, "latency_p50_ms": p50, "latency_p95_ms": p50,
-        "tokens_per_s": tokens_per_s})  # fmt: skip
+        "tokens_per_s": tokens_per_s, "ms_per_question": p50})  # fmt: skip
 
 
 def _summary(chat_acc, onnx_acc, chat_p50=50.0, onnx_p50=10.0, metric="accuracy", min_accuracy=0.5, max_drop=0.02):
@@ -143,7 +143,9 @@ def test_the_verdict_names_ties_wins_and_refusals():
     from phi3mlflow import report
 
     tie = _summary(1.0, 1.0, chat_p50=45.0, onnx_p50=17.0)
-    assert report.verdict(tie) == "onnx_int4 and chat tie on accuracy (1); decided by p50 latency (17 ms vs 45 ms)"
+    assert report.verdict(tie) == (
+        "onnx_int4 and chat tie on accuracy (1); decided by time per question (17 ms vs 45 ms)"
+    )
     assert report.verdict(_summary(0.62, 0.61)) == "chat wins on accuracy: 0.62 vs onnx_int4 0.61"
     refused = report.verdict(_summary(0.62, 0.57))
     assert refused.startswith(
@@ -161,8 +163,10 @@ def test_the_verdict_names_ties_wins_and_refusals():
         ({}, False, True, "records no accuracy"),
         ({"metric.accuracy": "0.8"}, False, True, "beats"),
         ({"metric.accuracy": "0.95"}, False, False, "worse"),
-        ({"metric.accuracy": "0.9", "metric.latency_p50_ms": "10.5"}, False, False, "tie"),
-        ({"metric.accuracy": "0.9", "metric.latency_p50_ms": "20"}, False, True, "tie on accuracy"),
+        ({"metric.accuracy": "0.9", "metric.ms_per_question": "10.5"}, False, False, "tie"),
+        ({"metric.accuracy": "0.9", "metric.ms_per_question": "20"}, False, True, "tie on accuracy"),
+        # A holder recorded before ms_per_question existed: its p50 latency is not compared.
+        ({"metric.accuracy": "0.9", "metric.latency_p50_ms": "2000"}, False, False, "tie"),
         ({"metric.accuracy": "0.95"}, True, True, "force"),
     ],
 )
@@ -269,6 +273,7 @@ def test_version_tags_record_the_winner_its_metrics_and_provenance():
                     "source_model": "m",
                     "selected_metric": "accuracy", "metric.accuracy": "0.85", "metric.exact_match": "0.123457",
                     "metric.f1": "0.85", "metric.latency_p50_ms": "10", "metric.latency_p95_ms": "10",
+                    "metric.ms_per_question": "10",
                     "metric.tokens_per_s": "100", "git_commit": "abc"}  # fmt: skip
     assert registry.version_tags(summary, "chat", "r", {}, None)["precision"] == "fp32"
     assert "git_commit" not in registry.version_tags(summary, "onnx_int4", "r", {}, None)

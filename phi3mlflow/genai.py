@@ -29,9 +29,10 @@ SENTINEL = "\x00PROMPT\x00"
 # cores. Logged in the model's model_config (onnx_wrapper's flags of the same names).
 MAX_PROMPTS_PER_REQUEST = 32
 MAX_TOTAL_NEW_TOKENS = 4096
-# Requests the engine decodes as one batch. The CPU default is 4; measured on SmolLM2-135M int4 with
-# 2 threads, 8 concurrent requests reach ~2x the throughput of one after another at 8
-# (bench/README.md, serve_concurrency_throughput).
+# Requests (or prompts of one request) the engine decodes as one batch. The CPU default is 4; measured
+# on SmolLM2-135M int4 with 2 threads, 8 concurrent requests reach ~2x the throughput of one after
+# another at 8 (bench/README.md, serve_concurrency_throughput), and 32 or 64 evaluation questions
+# gained nothing consistent from batches of 16, 32 or 64 over 8 (bench/README.md, batched evaluation).
 MAX_BATCH_SIZE = 8
 
 

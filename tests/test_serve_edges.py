@@ -1,0 +1,87 @@
+"""The OpenAI-compatible server where it is easy to get wrong: a decode step slower than the
+disconnect poll, stop strings on the transformers model, error fields, a model that will not load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from phi3mlflow import serve
+from phi3mlflow.engine import Delta, Done
+from tests.conftest import ROOT, free_port, stop, wait_for
+
+
+class _StillThere:
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+def test_a_decode_step_slower_than_the_disconnect_poll_is_waited_for(monkeypatch):
+    monkeypatch.setattr(serve, "DISCONNECT_POLL_S", 0.05)
+    closed = []
+
+    async def slow_stream():
+        try:
+            yield Delta(" Madrid")
+            await asyncio.sleep(0.3)  # six polls long: polling must not cancel the step
+            yield Delta(".")
+            yield Done("stop", 5, 2)
+        finally:
+            closed.append(True)
+
+    async def complete():
+        events = slow_stream()
+        first = await anext(events)
+        request = serve.openai_chat.parse({"messages": [{"role": "user", "content": "Hi"}]}, None)
+        return await serve._complete(_StillThere(), first, events, serve.Prepared(request, None), "m")
+
+    response = asyncio.run(complete())
+    body = json.loads(response.body)
+    assert response.status_code == 200 and body["choices"][0]["message"]["content"] == " Madrid."
+    assert body["usage"]["completion_tokens"] == 2 and closed == [True]
+
+
+@pytest.mark.parametrize(
+    "message,param",
+    [("messages[0].role: must be one of system, user, assistant", "messages"),
+     ("max_tokens: must be > 0", "max_tokens"), ("the body must be a JSON object", None),
+     ("[1, 2] is not an object", None)],
+)  # fmt: skip
+def test_the_error_names_the_field_a_check_named_and_no_other(message, param):
+    assert json.loads(serve._error(400, message).body)["error"]["param"] == param
+
+
+@pytest.mark.slow
+def test_stop_strings_cut_the_transformers_models_answer(chat_run, tmp_path):
+    import openai
+
+    port = free_port()
+    with open(tmp_path / "chat.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phi3mlflow.serve", chat_run.run.data.tags["model_uri"], "--port", str(port)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True,
+        )  # fmt: skip
+        try:
+            wait_for(f"http://127.0.0.1:{port}/health", proc, tmp_path / "chat.log")
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            question = [{"role": "user", "content": "What is the capital of Spain?"}]
+            out = client.chat.completions.create(model="m", messages=question, max_tokens=16, stop=["Madrid"])
+            assert out.choices[0].message.content == "The capital of Spain is "
+            assert out.choices[0].finish_reason == "stop"
+        finally:
+            stop(proc, timeout=30)
+
+
+@pytest.mark.slow
+def test_a_model_that_will_not_load_fails_in_one_line(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    proc = subprocess.run([sys.executable, "-m", "phi3mlflow.serve", "models:/nope@champion"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model_uri: cannot load 'models:/nope@champion'")
+    assert "Traceback" not in proc.stderr

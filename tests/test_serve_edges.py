@@ -80,7 +80,7 @@ def test_stop_strings_cut_the_transformers_models_answer(chat_run, tmp_path):
 @pytest.mark.slow
 def test_a_model_that_will_not_load_fails_in_one_line(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
-    proc = subprocess.run([sys.executable, "-m", "phi3mlflow.serve", "models:/nope@champion"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "phi3mlflow.serve", "models:/nope@champion"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model_uri: cannot load 'models:/nope@champion'")

@@ -100,6 +100,11 @@ def check_model_uri(param: str, wrapper: str, uri: str) -> ModelRef:
     if INPUT_FIELD[wrapper] not in inputs:
         takes = inputs or "no declared inputs"
         _fail(param, f"{uri} takes {takes}, not {INPUT_FIELD[wrapper]!r}: is it the right wrapper?")
+    # Both wrappers take chat requests now: the flavor tells them apart.
+    is_transformers = "transformers" in (info.flavors or {})
+    if is_transformers != (wrapper == "chat"):
+        kind = "a transformers pipeline" if is_transformers else "not a transformers pipeline"
+        _fail(param, f"{uri} is {kind}: is it the right wrapper?")
     run_tags: dict = {}
     if info.run_id:
         try:
@@ -123,6 +128,9 @@ def check_candidates(chat_uri: str, onnx_uris: str) -> list[ModelRef]:
     refs = [check_model_uri("chat_model_uri", "chat", chat_uri.strip())] if chat_uri.strip() else []
     for uri in onnx:
         ref = check_model_uri("onnx_model_uris", "onnx", uri)
+        same = next((r for r in refs if ref.model_id and r.model_id == ref.model_id), None)
+        if same is not None:
+            _fail("onnx_model_uris", f"{uri} is the same logged model ({ref.model_id}) as {same.uri}")
         taken = {r.key for r in refs}
         key, n = ref.key, 2
         while key in taken:

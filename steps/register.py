@@ -11,7 +11,7 @@ Outputs:
   stays) - with tags source_eval_run, candidate, wrapper, precision, source_model, git_commit,
   metric.* and a description;
   registered once per evaluation run. The alias moves to it only if it meets the goals and beats
-  the alias's current version on the selected metric (an equal score needs a p50 latency more
+  the alias's current version on the selected metric (an equal score needs a time per question more
   than 25 % lower).
 Logged: run tags registered_model, registered_version, winner, alias_moved (true/false),
 alias_reason, champion_version (the alias's holder when the step ended).

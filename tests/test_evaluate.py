@@ -228,6 +228,7 @@ def bad_files(tmp_path):
         ("cols", "question_column"),
         ("bad_uri", "onnx_model_uris"),
         ("twice", "onnx_model_uris"),
+        ("same_model", "onnx_model_uris: runs:/"),
         ("wrong_kind", "chat_model_uri"),
         ("no_models", "chat_model_uri"),
         ("metric", "select_metric"),
@@ -242,7 +243,9 @@ def test_bad_input_fails_before_any_model_loads(case, param, bad_files, int4_run
         args["--onnx_model_uris"] = "models:/m-doesnotexist"
     elif case == "twice":
         args["--onnx_model_uris"] = f"{onnx_uri}, {onnx_uri}"
-    elif case == "wrong_kind":
+    elif case == "same_model":  # one logged model under two URIs is one candidate
+        args["--onnx_model_uris"] = f"{onnx_uri},runs:/{int4_run.run_id}/onnx_int4"
+    elif case == "wrong_kind":  # both wrappers take chat requests: the flavor tells them apart
         args["--chat_model_uri"] = onnx_uri
     elif case == "no_models":
         args = {}

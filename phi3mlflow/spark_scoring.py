@@ -84,8 +84,13 @@ def score(spark, ref: ModelRef, questions: list[str], max_new_tokens: int, tempe
         udf = mlflow.pyfunc.spark_udf(
             spark, uri, result_type="string", env_manager="local", params=params, model_config=caps
         )
+        from pyspark.sql.functions import struct
+
         df = df.withColumnRenamed("question", "prompt")
-        rows = df.select("idx", udf("prompt").alias("text")).toPandas()
+        # As a struct: the UDF then hands the model a frame of just its named columns. Unnamed, the
+        # signature's other (optional) inputs - messages, stop, ... - would arrive as NaN and fail
+        # MLflow's schema check.
+        rows = df.select("idx", udf(struct("prompt")).alias("text")).toPandas()
     else:
         fn = _chat_partitions(uri, max_new_tokens, temperature)
         rows = df.mapInPandas(fn, schema="idx long, text string, completion_tokens long").toPandas()

@@ -82,17 +82,13 @@ def llama_cpp_source(tmp: Path) -> tuple[Path, str]:
     return root / "vendor" / "llama.cpp", commit.group(1) if commit else "unknown"
 
 
-_CONVERT_REAL = """
-import sys
-sys.path[:0] = [sys.argv.pop(1), sys.argv.pop(1)]
-import convert_hf_to_gguf
-convert_hf_to_gguf.main()
-"""
+# SmolLM2's tokenizer.json here is the one the project rebuilds from the GGUF, whose hash llama.cpp
+# may not know: name its pre-tokenizer as the shipped GGUF does.
+_CONVERT_REAL = _CONVERT.replace('"gpt-2"', '"smollm"')
 
 
 def convert(model_dir: Path, src: Path, out: Path, outtype: str, real: bool = False) -> Path:
     script = out.parent / "convert.py"
-    # SmolLM2's tokenizer is one llama.cpp knows; the bench model's self-trained one needs "gpt-2".
     script.write_text(_CONVERT_REAL if real else _CONVERT)
     proc = subprocess.run([sys.executable, str(script), str(src), str(src / "gguf-py"), str(model_dir),
                            "--outtype", outtype, "--outfile", str(out),

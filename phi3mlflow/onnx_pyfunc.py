@@ -21,6 +21,7 @@ max_new_tokens); a request beyond them is refused (400).
 from __future__ import annotations
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
@@ -149,7 +150,10 @@ class OnnxChatModel(PythonModel):
             rows.append(row)
         return rows
 
-    def predict(self, context, model_input, params=None) -> list:
+    # A DataFrame is what MLflow passes once the logged signature has checked the request (direct
+    # calls may pass a dict). MLflow infers no schema from this hint, so it neither checks the input
+    # a second way nor warns at class creation that predict has no type hints.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list:
         chat_rows = self._chat_rows(model_input)
         if chat_rows is not None:
             try:

@@ -178,9 +178,12 @@ def test_every_request_leaves_a_trace_linked_to_its_model_with_token_counts(eval
             assert all(0 < k <= 32 for k in gen["completion_tokens_per_question"])
             assert len(spans[f"answer {c.key}"].outputs["answers"]) == size
         assert asked == n
-        # In a batch every question's latency is the batch's wall time: a few distinct values.
+        # In a batch every question's latency is the batch's wall time: at most one value per request
+        # (fewer when two requests took the same time to the table's 0.01 ms).
         latency = [row[columns.index(f"{c.key}_latency_ms")] for row in table["data"]]
-        assert len(set(latency)) == requests[c.key]
+        assert len(set(latency)) <= requests[c.key]
+        if c.wrapper == "onnx":
+            assert len(set(latency)) < n
 
 
 @pytest.mark.slow

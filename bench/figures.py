@@ -369,6 +369,19 @@ def register_champion(s: Setup) -> str:
     return "models:/bench-champion@champion"
 
 
+def _wait_until_up(url: str, server: subprocess.Popen, name: str, timeout: float = 120) -> None:
+    """Until ``url`` answers; a server that exits or takes longer than ``timeout`` s is an error."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError(f"{name} did not start") from None
+            time.sleep(0.5)
+
+
 def serve_vs_inprocess(s: Setup, pairs: int) -> dict:
     """p50 latency of `mlflow models serve` over HTTP (A) against in-process predict (B)."""
     import mlflow
@@ -388,15 +401,7 @@ def serve_vs_inprocess(s: Setup, pairs: int) -> dict:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ), start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow models serve did not start") from None
-                time.sleep(0.5)
+        _wait_until_up(f"http://127.0.0.1:{port}/ping", server, "mlflow models serve")
         data = json.dumps(payload).encode()
 
         def http():
@@ -479,15 +484,7 @@ def serve_concurrency_throughput(s: Setup, pairs: int) -> dict:
     )  # fmt: skip
     prompts = [f"{s.prompt} ({i + 1})" for i in range(CONCURRENT_CLIENTS)]
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("python -m phi3mlflow.serve did not start") from None
-                time.sleep(0.5)
+        _wait_until_up(f"http://127.0.0.1:{port}/health", server, "python -m phi3mlflow.serve")
         with ThreadPoolExecutor(CONCURRENT_CLIENTS) as pool:
 
             def concurrent() -> int:

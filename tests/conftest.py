@@ -72,16 +72,31 @@ def stop(proc: subprocess.Popen, timeout: float) -> None:
 def serving(model_uri: str, log_path: Path, env: dict | None = None):
     """``mlflow models serve`` of ``model_uri`` on a free loopback port; yields its base URL and
     stops it (by process group) afterwards."""
+    args = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "--workers", "1"]
+    with _server(args, "/ping", log_path, env) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def openai_server(model_uri: str, log_path: Path, *flags: str, env: dict | None = None):
+    """``python -m phi3mlflow.serve`` of ``model_uri`` (with ``flags``) on a free loopback port."""
+    with _server(["phi3mlflow.serve", model_uri, *flags], "/health", log_path, env) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def _server(module_args: list[str], ready_path: str, log_path: Path, env: dict | None):
+    """``python -m <module_args> --host 127.0.0.1 --port <free>`` from the project, logging to
+    ``log_path``; yields its base URL once ``ready_path`` answers, stops its process group after."""
     port = free_port()
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", *module_args, "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
         stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ), start_new_session=True,
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for(f"{base}/ping", proc, log_path)
+        wait_for(f"{base}{ready_path}", proc, log_path)
         yield base
     finally:
         stop(proc, timeout=30)

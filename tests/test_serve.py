@@ -6,20 +6,15 @@ wrapper for the module, on the session's logged models (int4_run, chat_run)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import subprocess
-import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from phi3mlflow import openai_chat
 from phi3mlflow.genai import InvalidRequest
-from tests.conftest import ROOT, free_port, post, serving, stop, wait_for
+from tests.conftest import openai_server, post, serving
 
 USER = [{"role": "user", "content": "What is the capital of Spain?"}]
 QUESTIONS = [
@@ -71,24 +66,6 @@ def test_stop_strings_are_cut_and_their_possible_starts_held_back():
 
 
 # --- the server (slow) ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def openai_server(model_uri: str, log_path: Path):
-    """``python -m phi3mlflow.serve`` on a free loopback port; yields its base URL."""
-    port = free_port()
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "phi3mlflow.serve", model_uri, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True,
-    )  # fmt: skip
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(f"{base}/health", proc, log_path)
-        yield base
-    finally:
-        stop(proc, timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")

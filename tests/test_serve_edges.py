@@ -13,7 +13,7 @@ import pytest
 
 from phi3mlflow import serve
 from phi3mlflow.engine import Delta, Done
-from tests.conftest import ROOT, free_port, stop, wait_for
+from tests.conftest import ROOT, openai_server
 
 
 class _StillThere:
@@ -60,21 +60,12 @@ def test_the_error_names_the_field_a_check_named_and_no_other(message, param):
 def test_stop_strings_cut_the_transformers_models_answer(chat_run, tmp_path):
     import openai
 
-    port = free_port()
-    with open(tmp_path / "chat.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "phi3mlflow.serve", chat_run.run.data.tags["model_uri"], "--port", str(port)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True,
-        )  # fmt: skip
-        try:
-            wait_for(f"http://127.0.0.1:{port}/health", proc, tmp_path / "chat.log")
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-            question = [{"role": "user", "content": "What is the capital of Spain?"}]
-            out = client.chat.completions.create(model="m", messages=question, max_tokens=16, stop=["Madrid"])
-            assert out.choices[0].message.content == "The capital of Spain is "
-            assert out.choices[0].finish_reason == "stop"
-        finally:
-            stop(proc, timeout=30)
+    with openai_server(chat_run.run.data.tags["model_uri"], tmp_path / "chat.log") as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        question = [{"role": "user", "content": "What is the capital of Spain?"}]
+        out = client.chat.completions.create(model="m", messages=question, max_tokens=16, stop=["Madrid"])
+        assert out.choices[0].message.content == "The capital of Spain is "
+        assert out.choices[0].finish_reason == "stop"
 
 
 @pytest.mark.slow

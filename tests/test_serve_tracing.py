@@ -4,14 +4,12 @@ model; without the switch, none."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import mlflow
 import pytest
 
-from tests.conftest import ROOT, free_port, stop, wait_for
+from tests.conftest import openai_server
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of Spain?"}]
@@ -21,26 +19,16 @@ def _serve_and_ask(model_uri: str, experiment_id: str, log_path, *flags: str) ->
     """Start the server, send one plain and one streamed completion, stop it; the usages it reported."""
     import openai
 
-    port = free_port()
     env = {**os.environ, "MLFLOW_EXPERIMENT_ID": experiment_id}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "phi3mlflow.serve", model_uri, "--port", str(port), *flags],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for(f"{base}/health", proc, log_path)
-            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-            plain = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=16)
-            stream = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=16, stream=True)
-            streamed = [c.usage for c in stream if c.usage is not None]
-            # Traces are exported on a background thread, seconds later on a busy machine.
-            deadline = time.time() + (60 if "--trace" in flags else 5)
-            while len(_traces(experiment_id)) < 2 and time.time() < deadline:
-                time.sleep(0.5)
-        finally:
-            stop(proc, timeout=30)
+    with openai_server(model_uri, log_path, *flags, env=env) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        plain = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=16)
+        stream = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=16, stream=True)
+        streamed = [c.usage for c in stream if c.usage is not None]
+        # Traces are exported on a background thread, seconds later on a busy machine.
+        deadline = time.time() + (60 if "--trace" in flags else 5)
+        while len(_traces(experiment_id)) < 2 and time.time() < deadline:
+            time.sleep(0.5)
     return [plain.usage, *streamed]
 
 

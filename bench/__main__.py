@@ -7,6 +7,7 @@ same number of new tokens and threads on both sides. Prints a markdown table and
   python -m bench [--out bench.json] [--quick] [--pairs N]
   python -m bench --model smollm2 [--out bench-real.json] [--pairs N]
   python -m bench --peer llamacpp [--out bench-peer.json] [--pairs N]
+  python -m bench --model smollm2 --only eval_batch_speedup   # one figure (or several, comma-separated)
 
 --quick runs the tiny mode (the built-in model, few tokens, one pair) that the test suite uses so
 the benchmark cannot rot, every figure including the real-model ones; the full mode uses a ~42 M-
@@ -61,7 +62,16 @@ def parse_args(argv=None):
     p.add_argument(
         "--peer", choices=("llamacpp",), help="instead: the ONNX wrapper against a peer runtime (bench/peer.py)"
     )
+    p.add_argument("--only", default="", help="comma-separated figure names (with --peer: sections, in_process "
+                   "and serving): measure only these")  # fmt: skip
     args = p.parse_args(argv)
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    if args.peer:
+        from bench.peer import SECTIONS
+
+        unknown = sorted(set(args.only) - set(SECTIONS))
+        if unknown:
+            p.error(f"--only: {', '.join(unknown)} is not a section of --peer; it has: {', '.join(SECTIONS)}")
     if args.peer and args.quick:
         p.error("--peer runs the full-size model only")
     if args.quick and args.model != "bench":
@@ -135,6 +145,12 @@ def main(args) -> dict:
             ("serve_concurrency_throughput", lambda: fig.serve_concurrency_throughput(setup, args.pairs)),
         )
         chosen = real_figures if real else main_figures + real_figures if args.quick else main_figures
+        if args.only:
+            unknown = sorted(set(args.only) - {name for name, _ in chosen})
+            if unknown:
+                raise SystemExit(f"--only: {', '.join(unknown)} is not a figure of this run; it has: "
+                                 f"{', '.join(name for name, _ in chosen)}")  # fmt: skip
+            chosen = tuple((name, run) for name, run in chosen if name in args.only)
         for name, run in chosen:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
@@ -143,7 +159,10 @@ def main(args) -> dict:
         if "cache_rerun_ratio" in results:
             # Measured inside the cache figure's pairs: a no-op entry point under `mlflow run` / the cold run.
             results["cache_rerun_floor"] = results["cache_rerun_ratio"].pop("floor")
-        extra = {"ttft_s": fig.time_to_first_token(setup, args.pairs), "peak_rss_mb": fig.peak_rss(setup)}
+        extra = {} if args.only else {"ttft_s": fig.time_to_first_token(setup, args.pairs),
+                                      "peak_rss_mb": fig.peak_rss(setup)}  # fmt: skip
+        # Traces are exported on MLflow's background thread: finish before the store is deleted.
+        mlflow.flush_trace_async_logging()
     report = {
         **{name: r["median"] for name, r in results.items()},
         "mode": "quick" if args.quick else "real" if real else "full",
@@ -166,7 +185,7 @@ def main(args) -> dict:
 def peer_main(args, setup, tmp: Path) -> dict:
     from bench import peer
 
-    section = peer.run(setup, args.pairs, tmp)
+    section = peer.run(setup, args.pairs, tmp, args.only)
     report = {**section, "mode": "peer-llamacpp", "model": setup.describe(), "new_tokens": setup.new_tokens,
               "prompt_tokens": setup.prompt_tokens, "pairs": args.pairs, "calls_per_side": setup.reps,
               **environment()}  # fmt: skip
@@ -197,8 +216,8 @@ def markdown(report: dict) -> str:
         r = report["figures"][name]
         rows.append(f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | (reported) | | "
                     f"{r['a_median_s']:.4f} | {r['b_median_s']:.4f} |")  # fmt: skip
-    ttft = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in report["ttft_s"].items())
-    rss = ", ".join(f"{k} {v:.0f} MB" for k, v in report["peak_rss_mb"].items())
+    ttft = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in report.get("ttft_s", {}).items()) or "not measured"
+    rss = ", ".join(f"{k} {v:.0f} MB" for k, v in report.get("peak_rss_mb", {}).items()) or "not measured"
     head = (f"{report['mode']} mode, {report['model']}, {report['prompt_tokens']}-token prompt, "
             f"{report['new_tokens']} new tokens, {report['pairs']} pairs ({report['overhead_pairs']} for overheads), "
             f"{report['cores']} threads, "

@@ -124,11 +124,11 @@ class Setup:
         return "SmolLM2-135M-Instruct (real weights)" if self.real else "random-weight Phi-3 (~42 M params)"
 
     def questions(self) -> list[str]:
-        """The questions eval_batch_speedup asks: 32 of the real set (one evaluation request), or in
-        quick mode 9 of the bundled set (a batch of 8 and a request of one, as evaluate sends them)."""
+        """The questions eval_batch_speedup asks: the real set, all that evaluate asks in the real
+        profile, or in quick mode 9 of the bundled set (a batch of 8 and a request of one)."""
         path = PROJECT_ROOT / ("data/questions.jsonl" if self.quick else "data/real_questions.jsonl")
         rows = [json.loads(line)["question"] for line in path.read_text().splitlines() if line.strip()]
-        return rows[:9] if self.quick else rows[:32]
+        return rows[:9] if self.quick else rows
 
     def load(self, key: str):
         import mlflow
@@ -232,7 +232,7 @@ def eval_batch_speedup(s: Setup, pairs: int) -> dict:
         out = interleaved(ask(batch), ask(1), pairs, ratio=ratio, warm=s.quick)
     out["same_answers"] = all(same)
     out.update(questions=len(questions), questions_per_request=batch, max_new_tokens=new_tokens,
-               max_batch_size=caller.chat.engine.max_batch_size)  # fmt: skip
+               max_batch_size=caller.chat.max_batch_size)  # fmt: skip
     return out
 
 

@@ -14,6 +14,12 @@ With ``--model smollm2`` (the real model): llama.cpp runs the very Q4_1 file the
 (``builtin:smollm2-135m-instruct``) against our int4 export of it, and Q8_0 and F16 that llama.cpp's
 own tools make from the same (dequantised) weights against our int8 and fp32; both sides stop at
 the end token. Parity counts how many greedy tokens of llama.cpp F32 and F16 agree with our fp32.
+
+Serving (section ``serving``): our OpenAI-compatible server (``python -m phi3mlflow.serve``, the int4
+model) against llama.cpp's own (``python -m llama_cpp.server``, the Q4_1 file on the real model, Q4_0
+on the bench model), 8 streaming chat requests sent one after another (1 client) and all at once
+(8 clients), interleaved pairs: generated tokens/s ours / theirs, and time to first token p50/p95 of
+each. ``--only serving`` runs this section alone (``in_process`` the rest).
 """
 
 from __future__ import annotations
@@ -21,9 +27,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import statistics
 import subprocess
 import sys
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import figures as fig
@@ -49,6 +59,9 @@ REAL_PAIRS = {
     "real_fp32_vs_llamacpp_f16": ("fp32", "f16"),
 }
 REAL_TARGETS = {"real_int4_vs_llamacpp_q4_1": 1.25, "real_int8_vs_llamacpp_q8_0": 1.15}
+SECTIONS = ("in_process", "serving")
+# Serving: ours / llama.cpp's server, tokens/s at 1 and 8 clients.
+SERVE_TARGETS = {"serve_1_client_vs_llamacpp": 1.0, "serve_8_clients_vs_llamacpp": 1.0}
 
 # convert_hf_to_gguf refuses a BPE vocabulary whose pre-tokenizer it has no hash for (ours is
 # self-trained). Its split is the byte-level GPT-2 regex, which llama.cpp calls "gpt-2".
@@ -157,8 +170,30 @@ def build_info(commit: str) -> dict:
     }
 
 
-def run(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
-    """Every peer figure, the greedy parity check, TTFT and peak RSS; returns the JSON section."""
+def run(setup: fig.Setup, pairs: int, tmp: Path, only: list[str] | tuple[str, ...] = ()) -> dict:
+    """The sections named in ``only`` (all by default); returns the JSON report's part."""
+    sections = only or SECTIONS
+    out = in_process(setup, pairs, tmp) if "in_process" in sections else {}
+    if "serving" in sections:
+        out["serving"] = serving(setup, _serving_gguf(setup, tmp), pairs)
+    return out
+
+
+def _serving_gguf(setup: fig.Setup, tmp: Path) -> Path:
+    """The file llama.cpp's server runs: the shipped Q4_1 on the real model, else the bench model's
+    Q4_0 that the in_process section makes."""
+    if setup.real:
+        from phi3mlflow.gguf import builtin_smollm2_path
+
+        return builtin_smollm2_path()
+    q4_0 = tmp / "gguf" / "model-q4_0.gguf"
+    if not q4_0.exists():
+        raise SystemExit("--only serving: on the bench model it needs the in_process section's Q4_0 file")
+    return q4_0
+
+
+def in_process(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
+    """Every in-process peer figure, the greedy parity check, TTFT and peak RSS."""
     from phi3mlflow.genai import GenAIChat, SearchOptions, default_threads
     from phi3mlflow.onnx_export import export
     from steps import onnx_wrapper
@@ -250,6 +285,99 @@ def run(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stream(port: int, prompt: str, max_tokens: int) -> tuple[str, float, float]:
+    """One streaming chat completion (greedy): its text, seconds to the first content, seconds in all."""
+    import http.client
+
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}  # fmt: skip
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response, text, first = conn.getresponse(), [], None
+    if response.status != 200:
+        raise RuntimeError(f"port {port}: HTTP {response.status}: {response.read()[:300]!r}")
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        for choice in json.loads(line[6:]).get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                first = first if first is not None else time.perf_counter() - start
+                text.append(content)
+    conn.close()
+    return "".join(text), first if first is not None else float("nan"), time.perf_counter() - start
+
+
+def serving(setup: fig.Setup, gguf: Path, pairs: int) -> dict:
+    """Our server on the int4 model against llama.cpp's server on ``gguf``, 2 threads each, the same
+    8 prompts (the bench prompt numbered), greedy, up to the bench's new tokens, streamed. Tokens are
+    counted by one tokenizer (ours; the GGUF's vocabulary is the same) on the text each side streamed,
+    so both sides are counted alike. llama.cpp's server runs one request at a time (its own lock;
+    ``--interrupt_requests False`` so that a waiting request does not cut the running one off)."""
+    from phi3mlflow.genai import GenAIChat, default_threads
+
+    threads = default_threads()
+    ours_port, theirs_port = _free_port(), _free_port()
+    env = dict(os.environ)
+    servers = {
+        "ours": subprocess.Popen(
+            [sys.executable, "-m", "phi3mlflow.serve", setup.uris["int4"], "--port", str(ours_port)],
+            cwd=fig.PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        ),
+        "llama.cpp": subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+             "--port", str(theirs_port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+             "--n_ctx", "2048", "--interrupt_requests", "False", "--verbose", "False"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ),
+    }  # fmt: skip
+    try:
+        fig._wait_until_up(f"http://127.0.0.1:{ours_port}/health", servers["ours"], "python -m phi3mlflow.serve")
+        fig._wait_until_up(f"http://127.0.0.1:{theirs_port}/v1/models", servers["llama.cpp"], "llama_cpp.server")
+        tokenizer = GenAIChat(setup.folders["int4"], 1).tokenizer
+        prompts = [f"{setup.prompt} ({i + 1})" for i in range(fig.CONCURRENT_CLIENTS)]
+        out: dict = {"gguf": gguf.name, "threads": threads, "requests": len(prompts), "max_tokens": setup.new_tokens}
+        count = lambda texts: sum(len(tokenizer.encode(t)) for t in texts)  # noqa: E731
+        for clients in (1, len(prompts)):
+            name = "serve_1_client_vs_llamacpp" if clients == 1 else f"serve_{clients}_clients_vs_llamacpp"
+            out[name] = _clients_figure((ours_port, theirs_port), prompts, clients, setup.new_tokens, count, pairs)
+        return out
+    finally:
+        for server in servers.values():
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+
+
+def _clients_figure(ports: tuple[int, int], prompts: list[str], clients: int, max_tokens: int, count,
+                    pairs: int) -> dict:  # fmt: skip
+    """Tokens/s ratio ours / theirs with ``prompts`` sent by ``clients`` at once, and each side's TTFT."""
+    ttfts: dict[str, list[float]] = {"ours": [], "llama.cpp": []}
+
+    def side(port: int, name: str) -> int:
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(lambda p: _stream(port, p, max_tokens), prompts))
+        ttfts[name] += [first for _, first, _ in results]
+        return count(text for text, _, _ in results)
+
+    r = fig.interleaved(lambda: side(ports[0], "ours"), lambda: side(ports[1], "llama.cpp"), pairs,
+                        ratio=lambda ra, ta, rb, tb: (ra / ta) / (rb / tb))  # fmt: skip
+    r["ttft_ms"] = {k: {"p50": 1000 * statistics.median(v), "p95": 1000 * _p95(v)} for k, v in ttfts.items()}
+    return r
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
 _RSS = """
 import json, sys
 from pathlib import Path
@@ -286,7 +414,7 @@ def markdown(report: dict) -> str:
         "| figure | median | min | max | ours tok/s | llama.cpp tok/s | target | met |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in {**report["figures"], **report["raw_figures"]}.items():
+    for name, r in {**report.get("figures", {}), **report.get("raw_figures", {})}.items():
         target = {**TARGETS, **REAL_TARGETS}.get(name)
         met = "" if target is None else ("yes" if r["median"] >= target else "no")
         goal = f">= {target}" if target else "(reported)"
@@ -294,8 +422,22 @@ def markdown(report: dict) -> str:
             f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {r['b_tokens_per_s']:.0f} | "
             f"{r['a_tokens_per_s']:.0f} | {goal} | {met} |"
         )
-    ttft = ", ".join(f"{k} {v * 1000:.1f}" for k, v in report["ttft_s"].items())
-    rss = ", ".join(f"{k} {v:.0f}" for k, v in report["peak_rss_mb"].items())
-    return "\n".join(
-        [*rows, "", f"parity: {report['parity']}", f"time to first token (ms): {ttft}", f"peak RSS (MB): {rss}"]
-    )
+    lines = rows if len(rows) > 2 else []
+    if "parity" in report:
+        ttft = ", ".join(f"{k} {v * 1000:.1f}" for k, v in report["ttft_s"].items())
+        rss = ", ".join(f"{k} {v:.0f}" for k, v in report["peak_rss_mb"].items())
+        lines += ["", f"parity: {report['parity']}", f"time to first token (ms): {ttft}", f"peak RSS (MB): {rss}"]
+    if "serving" in report:
+        sv = report["serving"]
+        lines += ["", f"serving: ours (python -m phi3mlflow.serve, int4) / llama.cpp's server ({sv['gguf']}), "
+                  f"{sv['requests']} streamed requests of up to {sv['max_tokens']} tokens, tokens/s ratio",
+                  "", "| figure | median | min | max | TTFT p50 / p95 ours (ms) | TTFT p50 / p95 llama.cpp (ms) "
+                  "| target | met |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, target in SERVE_TARGETS.items():
+            r = sv[name]
+            ours, theirs = r["ttft_ms"]["ours"], r["ttft_ms"]["llama.cpp"]
+            lines.append(f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | "
+                         f"{ours['p50']:.0f} / {ours['p95']:.0f} | {theirs['p50']:.0f} / {theirs['p95']:.0f} | "
+                         f">= {target} | {'yes' if r['median'] >= target else 'no'} |")  # fmt: skip
+    return "\n".join(lines)

@@ -6,9 +6,10 @@ callers talk to it through a queue. ``submit`` hands it token ids and search opt
 (a callable the worker calls with each ``Delta`` and the final ``Done`` or ``Failed``); a caller
 that goes away calls ``cancel`` and the engine stops generating for it at its next step.
 
-On CPU the engine batches statically: requests that arrive together decode as one batch of up to
-``engine.static_batching.max_batch_size`` (set where the model is loaded, phi3mlflow/genai.py); a
-request that arrives while a batch runs waits for it to finish (bench/README.md has the figures).
+On CPU the engine batches statically: requests that arrive together decode as batches of 4 (the
+static scheduler's fixed size in onnxruntime-genai 0.18, whatever ``engine.static_batching.max_batch_size``
+says; continuous batching needs a paged KV cache, which the builder exports for CUDA and WebGPU only);
+a request that arrives while a batch runs waits for it to finish (bench/README.md has the figures).
 More than ``max_waiting`` requests in the engine at once are refused with ``Overloaded`` (the
 server answers 503), so a flood queues no unbounded work.
 """
@@ -82,7 +83,6 @@ class EngineLoop:
 
     def __init__(self, og, model, tokenizer, eos: set[int], max_waiting: int = MAX_WAITING):
         self.og, self.model, self.tokenizer, self.eos, self.max_waiting = og, model, tokenizer, eos, max_waiting
-        self.max_batch_size = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._tickets = itertools.count()
         self._count_lock = threading.Lock()
@@ -114,7 +114,7 @@ class EngineLoop:
 
     def answer_all(self, turns: list[Turn]) -> list[tuple[str, Done]]:
         """Every turn's whole answer and its Done, submitted together so that they decode as engine
-        batches (of up to max_batch_size; the rest start as a batch finishes). Raises RuntimeError
+        batches (of 4 on CPU; the rest start as a batch finishes). Raises RuntimeError
         when one fails, after the others are cancelled."""
         results: list[list] = [[[], None] for _ in turns]
         finished = threading.Semaphore(0)
@@ -164,7 +164,6 @@ class EngineLoop:
         # og.Engine serves only the thread that created it: create it here.
         try:
             self.engine = self.og.Engine(self.model)
-            self.max_batch_size = int(self.engine.get_capabilities().configured_max_batch_size)
         except Exception as e:  # noqa: BLE001 - reported to the constructor's caller
             self._broken = f"og.Engine could not start: {e}"
             self._ready.set()

@@ -343,16 +343,25 @@ def answer_all(
     from phi3mlflow.progress import bar
 
     size = batch_size or caller.batch_size(max_new_tokens)
-    answers: list[Answer] = []
+    # Requests of several questions are asked shortest prompt first: the ONNX model batches prompts of
+    # equal length together (phi3mlflow/genai.py), so neighbours by length make full batches.
+    order = list(range(len(questions)))
+    if size > 1:
+        order.sort(key=lambda i: caller.prompt_tokens(questions[i]))
+    answers: list = [None] * len(questions)
+    done: list[Answer] = []
     with bar(range(len(questions)), desc=f"evaluate {caller.key}", unit="q", total=len(questions)) as progress:
-        for i in range(0, len(questions), size):
-            batch = caller.ask(questions[i : i + size], max_new_tokens, temperature)
-            answers += batch
+        for k in range(0, len(order), size):
+            ids = order[k : k + size]
+            batch = caller.ask([questions[i] for i in ids], max_new_tokens, temperature)
+            for i, answer in zip(ids, batch, strict=True):
+                answers[i] = answer
+            done += batch
             progress.update(len(batch))
-            progress.set_postfix(tok_s=f"{tokens_per_s(answers):.0f}", refresh=False)
-    seconds = wall_seconds(answers)
-    print(f"evaluate: {caller.key}: {len(answers)} questions in {seconds:.1f} s ({size} per request), "
-          f"{tokens_per_s(answers):.0f} tokens/s", file=sys.stderr)  # fmt: skip
+            progress.set_postfix(tok_s=f"{tokens_per_s(done):.0f}", refresh=False)
+    seconds = wall_seconds(done)
+    print(f"evaluate: {caller.key}: {len(done)} questions in {seconds:.1f} s ({size} per request), "
+          f"{tokens_per_s(done):.0f} tokens/s", file=sys.stderr)  # fmt: skip
     return answers
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from phi3mlflow.engine import EngineLoop
 
@@ -29,11 +31,11 @@ SENTINEL = "\x00PROMPT\x00"
 # cores. Logged in the model's model_config (onnx_wrapper's flags of the same names).
 MAX_PROMPTS_PER_REQUEST = 32
 MAX_TOTAL_NEW_TOKENS = 4096
-# Requests (or prompts of one request) the engine decodes as one batch. The CPU default is 4; measured
-# on SmolLM2-135M int4 with 2 threads, 8 concurrent requests reach ~2x the throughput of one after
-# another at 8 (bench/README.md, serve_concurrency_throughput), and 32 or 64 evaluation questions
-# gained nothing consistent from batches of 16, 32 or 64 over 8 (bench/README.md, batched evaluation).
-MAX_BATCH_SIZE = 8
+# Prompts of one request decoded as one ORT GenAI generator batch (prompts of equal length only; see
+# generate_many). Measured on SmolLM2-135M int4, 2 threads (bench/README.md, batched evaluation):
+# a step of 16 rows costs ~5x a step of one, of 32 rows ~9x, and answers of different lengths
+# leave rows idle, so beyond 16 nothing is gained.
+MAX_BATCH_SIZE = 16
 
 
 class InvalidRequest(ValueError):
@@ -112,12 +114,9 @@ class GenAIChat:
         self.og = og
         self.folder = Path(folder)
         self.threads = int(intra_op_num_threads) or default_threads()
+        self.max_batch_size = max(1, int(max_batch_size))
         config = og.Config(str(self.folder))
-        overlay = {
-            "model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}},
-            # Read only by og.Engine (chat requests, requests of several prompts).
-            "engine": {"static_batching": {"max_batch_size": int(max_batch_size)}},
-        }
+        overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}
         config.overlay(json.dumps(overlay))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
@@ -179,17 +178,20 @@ class GenAIChat:
         end token it stopped on counts, unless it ran out of tokens first."""
         return min(len(self.tokenizer.encode(text)) + 1, max_new_tokens)
 
-    def _generator(self, ids, opts: SearchOptions):
+    def _generator(self, ids, opts: SearchOptions, rows: int = 1):
         og = self.og
         params = og.GeneratorParams(self.model)
-        search: dict[str, int | float | bool] = {"max_length": min(self.context_length, len(ids) + opts.max_new_tokens)}
+        length = len(ids[0]) if rows > 1 else len(ids)
+        search: dict[str, int | float | bool] = {"max_length": min(self.context_length, length + opts.max_new_tokens)}
         if opts.do_sample and opts.temperature > 0:
             search.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p)
         else:
             search.update(do_sample=False)
+        if rows > 1:
+            search["batch_size"] = rows
         params.set_search_options(**search)
         generator = og.Generator(self.model, params)
-        generator.append_tokens(ids)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32) if rows > 1 else ids)
         return generator
 
     def generate_ids(self, ids, opts: SearchOptions) -> list[int]:
@@ -198,22 +200,56 @@ class GenAIChat:
             generator.generate_next_token()
         return list(generator.get_sequence(0)[len(ids) :])
 
-    def generate_many(self, batch: list[list[int]], opts: SearchOptions) -> list[str]:
-        """Answers to several prompts, decoded together as og.Engine batches of up to
-        ``max_batch_size`` (phi3mlflow/engine.py); a single prompt goes through the plain generator
-        loop. The engine handles prompts of different lengths without padding, so greedy answers
-        equal the one-at-a-time ones (bench/README.md has the measurement on SmolLM2)."""
-        if len(batch) == 1:
-            return [self.tokenizer.decode(self.generate_ids(batch[0], opts))]
-        from phi3mlflow.engine import Turn
+    def _answer(self, ids) -> str:
+        """The text of generated ``ids``, up to the first end token (a batch row that finished early
+        is filled with end tokens while the others go on)."""
+        end = next((i for i, t in enumerate(ids) if t in self.eos), len(ids))
+        return self.tokenizer.decode(np.asarray(ids[:end], dtype=np.int32))
 
-        sampled = opts.do_sample and opts.temperature > 0
-        turns = [
-            Turn([int(t) for t in ids], min(opts.max_new_tokens, self.context_length - len(ids)),
-                 opts.temperature if sampled else 0.0, opts.top_p)
-            for ids in batch
-        ]  # fmt: skip
-        return [text for text, _ in self.engine.answer_all(turns)]
+    def generate_many(self, batch: list[list[int]], opts: SearchOptions) -> list[str]:
+        """Answers to several prompts, decoded in batches whose greedy answers equal the one-at-a-time ones.
+
+        Prompts of equal length go as one ORT GenAI generator batch (up to ``max_batch_size`` rows):
+        nothing is padded, so each row computes exactly what it would alone. A padded batch is not
+        used: this export has no position_ids input, and left padding changed 23 of 24 greedy answers
+        (bench/README.md). The prompts left over (lengths no other prompt shares) go through og.Engine,
+        which takes prompts of different lengths unpadded but batches at most 4 on CPU (its static
+        scheduler's fixed batch size in onnxruntime-genai 0.18); a single one through the plain loop.
+        A batch runs until its longest answer: the caller gets more rows busy by sending prompts of
+        similar length together (evaluate sorts its questions by length)."""
+        texts: list[str | None] = [None] * len(batch)
+        by_length: dict[int, list[int]] = {}
+        for i, ids in enumerate(batch):
+            by_length.setdefault(len(ids), []).append(i)
+        rest = []
+        for rows in by_length.values():
+            if len(rows) == 1:
+                rest += rows
+                continue
+            for k in range(0, len(rows), self.max_batch_size):
+                chunk = rows[k : k + self.max_batch_size]
+                if len(chunk) == 1:
+                    rest += chunk
+                    continue
+                generator = self._generator([[int(t) for t in batch[i]] for i in chunk], opts, rows=len(chunk))
+                while not generator.is_done():
+                    generator.generate_next_token()
+                for row, i in enumerate(chunk):
+                    texts[i] = self._answer(list(generator.get_sequence(row)[len(batch[i]) :]))
+        if len(rest) == 1:
+            texts[rest[0]] = self._answer(self.generate_ids(batch[rest[0]], opts))
+        elif rest:
+            from phi3mlflow.engine import Turn
+
+            sampled = opts.do_sample and opts.temperature > 0
+            turns = [
+                Turn([int(t) for t in batch[i]], min(opts.max_new_tokens, self.context_length - len(batch[i])),
+                     opts.temperature if sampled else 0.0, opts.top_p)
+                for i in rest
+            ]  # fmt: skip
+            for i, (text, _) in zip(rest, self.engine.answer_all(turns), strict=True):
+                texts[i] = text
+        return [t or "" for t in texts]
 
     def generate(self, prompt: str, opts: SearchOptions) -> str:
         return self.tokenizer.decode(self.generate_ids(self.encode(prompt), opts))

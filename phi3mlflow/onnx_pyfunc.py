@@ -9,11 +9,12 @@ Two inputs, one per row:
   ``n``=1; phi3mlflow.openai_chat checks it): one ``chat.completion`` object per row, the same as
   the transformers chat model answers, generated through the model's og.Engine (phi3mlflow/engine.py);
 - a ``prompt`` column with params ``max_new_tokens``, ``temperature``, ``top_p``, ``do_sample``:
-  one string per prompt. Several prompts in one request decode together, as og.Engine batches of
-  up to ``max_batch_size``; one prompt runs a plain ORT GenAI generator loop. A plain prompt gets
+  one string per prompt. Several prompts in one request decode together: prompts of equal length as
+  ORT GenAI generator batches of up to ``max_batch_size``, the others through og.Engine
+  (phi3mlflow/genai.py, generate_many); one prompt runs a plain ORT GenAI generator loop. A plain prompt gets
   the model's chat template; a prompt that already carries the template's markers is passed through.
 model_config: ``intra_op_num_threads`` (0, the default, means all available cores), the
-default search options, ``max_batch_size`` (requests or prompts the engine decodes together), and the caps
+default search options, ``max_batch_size`` (prompts of one request decoded as one batch), and the caps
 on one request's work: ``max_prompts_per_request`` and ``max_total_new_tokens`` (prompts x
 max_new_tokens); a request beyond them is refused (400).
 """
@@ -172,7 +173,7 @@ class OnnxChatModel(PythonModel):
             ids = [self.chat.encode(p) for p in prompts]
         except InvalidRequest as e:
             raise _invalid(str(e)) from None
-        # Several prompts decode together as engine batches; greedy answers equal one-at-a-time ones.
+        # Several prompts decode together in batches whose greedy answers equal one-at-a-time ones.
         return self.chat.generate_many(ids, opts)
 
     def _answer_all(self, turns: list[Turn], models: list[str]) -> list[dict]:

@@ -249,7 +249,7 @@ class OnnxCaller(Caller):
     """The ONNX pyfunc, called with ``{"prompt": ...}`` and generation params as a user would.
 
     Questions go in batches, ``{"prompt": [q1, ..., qn]}`` in one request, which the model decodes
-    as og.Engine batches: n is as many as one request may hold (the model's
+    as ORT GenAI generator batches: n is as many as one request may hold (the model's
     ``max_prompts_per_request``, and ``max_total_new_tokens`` / max_new_tokens). Each batch leaves
     one trace, its spans counting the tokens of the whole request (and per question); every answer's
     latency is the batch's wall time, and there is no time to first token, since a batch does not
@@ -343,8 +343,8 @@ def answer_all(
     from phi3mlflow.progress import bar
 
     size = batch_size or caller.batch_size(max_new_tokens)
-    # Requests of several questions are asked shortest prompt first: the ONNX model batches prompts of
-    # equal length together (phi3mlflow/genai.py), so neighbours by length make full batches.
+    # Requests of several questions are asked shortest prompt first: a batch's prompts are padded to
+    # its longest (phi3mlflow/engine.py), so neighbours by length pad least.
     order = list(range(len(questions)))
     if size > 1:
         order.sort(key=lambda i: caller.prompt_tokens(questions[i]))

@@ -3,11 +3,8 @@ benchmarks.
 
 The model and tokenizer are loaded once. A one-prompt request gets its own ``GeneratorParams`` and
 ``Generator``, so concurrent requests never share search state; chat requests and requests of
-several prompts go through one ``og.Engine`` (phi3mlflow/engine.py), which batches the requests
-that are in flight together. (ORT GenAI's own static batch, ``batch_size`` with left-padded
-prompts, is not used: on SmolLM2 int4 it changed the greedy answers of 23 of 24 questions, while
-prompts of equal length, unpadded, agreed; this export has no position_ids input, so the padding
-most likely shifts the padded prompts' positions.)
+several prompts go through the model's one batching loop (phi3mlflow/engine.py), which decodes
+the requests that are in flight together as ORT GenAI generator batches.
 """
 
 from __future__ import annotations
@@ -20,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:
-    from phi3mlflow.engine import EngineLoop
+    from phi3mlflow.engine import BatchLoop
 
 SENTINEL = "\x00PROMPT\x00"
 # Caps on one request's work, so that no request holds a server for longer than its timeout
@@ -31,10 +26,10 @@ SENTINEL = "\x00PROMPT\x00"
 # cores. Logged in the model's model_config (onnx_wrapper's flags of the same names).
 MAX_PROMPTS_PER_REQUEST = 32
 MAX_TOTAL_NEW_TOKENS = 4096
-# Prompts of one request decoded as one ORT GenAI generator batch (prompts of equal length only; see
-# generate_many). Measured on SmolLM2-135M int4, 2 threads (bench/README.md, batched evaluation):
-# a step of 16 rows costs ~5x a step of one, of 32 rows ~9x, and answers of different lengths
-# leave rows idle, so beyond 16 nothing is gained.
+# Requests (or prompts of one request) decoded as one ORT GenAI generator batch (phi3mlflow/engine.py).
+# Measured on SmolLM2-135M int4, 2 threads (bench/README.md, batched evaluation): a step of 16 rows
+# costs ~5x a step of one, of 32 rows ~9x, and a batch runs until its longest answer, so 32 gains
+# a few per cent over 16 for twice the KV cache (gigabytes on Phi-3-mini).
 MAX_BATCH_SIZE = 16
 
 
@@ -123,24 +118,27 @@ class GenAIChat:
         self.eos = set(self.tokenizer.eos_token_ids)
         genai_config = json.loads((self.folder / "genai_config.json").read_text())
         self.context_length = int(genai_config["model"]["context_length"])
+        # What batches are right-padded with: the pad id ORT GenAI's config names (Tokenizer.encode_batch pads so).
+        self.pad_token_id = int(genai_config["model"].get("pad_token_id", 0))
         # The text the template puts before a user turn (e.g. "<|user|>"): a prompt that already
         # contains it was formatted by the caller and is passed through untouched.
         probe = self.tokenizer.apply_chat_template(
             json.dumps([{"role": "user", "content": SENTINEL}]), add_generation_prompt=True
         )
         self.user_marker = probe.split(SENTINEL, 1)[0].strip()
-        self._engine: EngineLoop | None = None
-        self._engine_lock = threading.Lock()
+        self._batcher: BatchLoop | None = None
+        self._batcher_lock = threading.Lock()
 
     @property
-    def engine(self) -> EngineLoop:
-        """The model's one og.Engine worker, started on first use."""
-        with self._engine_lock:
-            if self._engine is None:
-                from phi3mlflow.engine import EngineLoop
+    def batcher(self) -> BatchLoop:
+        """The model's one batching loop (phi3mlflow/engine.py), started on first use."""
+        with self._batcher_lock:
+            if self._batcher is None:
+                from phi3mlflow.engine import BatchLoop
 
-                self._engine = EngineLoop(self.og, self.model, self.tokenizer, self.eos)
-            return self._engine
+                self._batcher = BatchLoop(self.og, self.model, self.tokenizer, self.eos, self.pad_token_id,
+                                          self.context_length, self.max_batch_size)  # fmt: skip
+            return self._batcher
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation (checked by phi3mlflow.openai_chat) as ids, through the model's chat template."""
@@ -178,20 +176,17 @@ class GenAIChat:
         end token it stopped on counts, unless it ran out of tokens first."""
         return min(len(self.tokenizer.encode(text)) + 1, max_new_tokens)
 
-    def _generator(self, ids, opts: SearchOptions, rows: int = 1):
+    def _generator(self, ids, opts: SearchOptions):
         og = self.og
         params = og.GeneratorParams(self.model)
-        length = len(ids[0]) if rows > 1 else len(ids)
-        search: dict[str, int | float | bool] = {"max_length": min(self.context_length, length + opts.max_new_tokens)}
+        search: dict[str, int | float | bool] = {"max_length": min(self.context_length, len(ids) + opts.max_new_tokens)}
         if opts.do_sample and opts.temperature > 0:
             search.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p)
         else:
             search.update(do_sample=False)
-        if rows > 1:
-            search["batch_size"] = rows
         params.set_search_options(**search)
         generator = og.Generator(self.model, params)
-        generator.append_tokens(np.asarray(ids, dtype=np.int32) if rows > 1 else ids)
+        generator.append_tokens(ids)
         return generator
 
     def generate_ids(self, ids, opts: SearchOptions) -> list[int]:
@@ -200,56 +195,21 @@ class GenAIChat:
             generator.generate_next_token()
         return list(generator.get_sequence(0)[len(ids) :])
 
-    def _answer(self, ids) -> str:
-        """The text of generated ``ids``, up to the first end token (a batch row that finished early
-        is filled with end tokens while the others go on)."""
-        end = next((i for i, t in enumerate(ids) if t in self.eos), len(ids))
-        return self.tokenizer.decode(np.asarray(ids[:end], dtype=np.int32))
-
     def generate_many(self, batch: list[list[int]], opts: SearchOptions) -> list[str]:
-        """Answers to several prompts, decoded in batches whose greedy answers equal the one-at-a-time ones.
+        """Answers to several prompts, decoded as batches of up to ``max_batch_size`` by the batching
+        loop, in the order given (a caller that sends prompts of similar length together pads less);
+        greedy answers equal the one-at-a-time ones. A single prompt goes through the plain loop."""
+        if len(batch) == 1:
+            return [self.tokenizer.decode(self.generate_ids(batch[0], opts))]
+        from phi3mlflow.engine import Turn
 
-        Prompts of equal length go as one ORT GenAI generator batch (up to ``max_batch_size`` rows):
-        nothing is padded, so each row computes exactly what it would alone. A padded batch is not
-        used: this export has no position_ids input, and left padding changed 23 of 24 greedy answers
-        (bench/README.md). The prompts left over (lengths no other prompt shares) go through og.Engine,
-        which takes prompts of different lengths unpadded but batches at most 4 on CPU (its static
-        scheduler's fixed batch size in onnxruntime-genai 0.18); a single one through the plain loop.
-        A batch runs until its longest answer: the caller gets more rows busy by sending prompts of
-        similar length together (evaluate sorts its questions by length)."""
-        texts: list[str | None] = [None] * len(batch)
-        by_length: dict[int, list[int]] = {}
-        for i, ids in enumerate(batch):
-            by_length.setdefault(len(ids), []).append(i)
-        rest = []
-        for rows in by_length.values():
-            if len(rows) == 1:
-                rest += rows
-                continue
-            for k in range(0, len(rows), self.max_batch_size):
-                chunk = rows[k : k + self.max_batch_size]
-                if len(chunk) == 1:
-                    rest += chunk
-                    continue
-                generator = self._generator([[int(t) for t in batch[i]] for i in chunk], opts, rows=len(chunk))
-                while not generator.is_done():
-                    generator.generate_next_token()
-                for row, i in enumerate(chunk):
-                    texts[i] = self._answer(list(generator.get_sequence(row)[len(batch[i]) :]))
-        if len(rest) == 1:
-            texts[rest[0]] = self._answer(self.generate_ids(batch[rest[0]], opts))
-        elif rest:
-            from phi3mlflow.engine import Turn
-
-            sampled = opts.do_sample and opts.temperature > 0
-            turns = [
-                Turn([int(t) for t in batch[i]], min(opts.max_new_tokens, self.context_length - len(batch[i])),
-                     opts.temperature if sampled else 0.0, opts.top_p)
-                for i in rest
-            ]  # fmt: skip
-            for i, (text, _) in zip(rest, self.engine.answer_all(turns), strict=True):
-                texts[i] = text
-        return [t or "" for t in texts]
+        sampled = opts.do_sample and opts.temperature > 0
+        turns = [
+            Turn([int(t) for t in ids], min(opts.max_new_tokens, self.context_length - len(ids)),
+                 opts.temperature if sampled else 0.0, opts.top_p)
+            for ids in batch
+        ]  # fmt: skip
+        return [text for text, _ in self.batcher.answer_all(turns)]
 
     def generate(self, prompt: str, opts: SearchOptions) -> str:
         return self.tokenizer.decode(self.generate_ids(self.encode(prompt), opts))

@@ -7,14 +7,13 @@ hands MLflow an ``OnnxChatModel`` through ``mlflow.models.set_model``.
 Two inputs, one per row:
 - an OpenAI chat request (``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
   ``n``=1; phi3mlflow.openai_chat checks it): one ``chat.completion`` object per row, the same as
-  the transformers chat model answers, generated through the model's og.Engine (phi3mlflow/engine.py);
+  the transformers chat model answers, generated through the model's batching loop (phi3mlflow/engine.py);
 - a ``prompt`` column with params ``max_new_tokens``, ``temperature``, ``top_p``, ``do_sample``:
-  one string per prompt. Several prompts in one request decode together: prompts of equal length as
-  ORT GenAI generator batches of up to ``max_batch_size``, the others through og.Engine
-  (phi3mlflow/genai.py, generate_many); one prompt runs a plain ORT GenAI generator loop. A plain prompt gets
+  one string per prompt. Several prompts in one request decode together, as ORT GenAI generator
+  batches of up to ``max_batch_size``; one prompt runs a plain ORT GenAI generator loop. A plain prompt gets
   the model's chat template; a prompt that already carries the template's markers is passed through.
 model_config: ``intra_op_num_threads`` (0, the default, means all available cores), the
-default search options, ``max_batch_size`` (prompts of one request decoded as one batch), and the caps
+default search options, ``max_batch_size`` (requests, or prompts of one request, decoded as one batch), and the caps
 on one request's work: ``max_prompts_per_request`` and ``max_total_new_tokens`` (prompts x
 max_new_tokens); a request beyond them is refused (400).
 """
@@ -105,7 +104,7 @@ class OnnxChatModel(PythonModel):
     # -- the OpenAI chat contract ---------------------------------------------------------------
 
     def chat_turn(self, request: openai_chat.ChatRequest, params: dict | None = None) -> Turn:
-        """The engine's work for a checked chat request: the conversation through the chat template,
+        """The batching loop's work for a checked chat request: the conversation through the chat template,
         the model's logged defaults where the request leaves a field out. Raises InvalidRequest."""
         # Through `mlflow models serve`, temperature and top_p arrive as params (the signature declares
         # them there for prompt requests); a field of the request itself wins.
@@ -119,9 +118,9 @@ class OnnxChatModel(PythonModel):
         return Turn(ids, max_tokens, temperature, top_p, request.stop)
 
     def answer(self, turn: Turn, model: str = "") -> dict:
-        """One chat.completion, generated through the engine (batched with whatever else is in flight)."""
+        """One chat.completion, generated through the batching loop (with whatever else is in flight)."""
         content, done = [], None
-        for event in self.chat.engine.events(turn):
+        for event in self.chat.batcher.events(turn):
             if isinstance(event, Delta):
                 content.append(event.text)
             elif isinstance(event, Failed):
@@ -179,7 +178,7 @@ class OnnxChatModel(PythonModel):
     def _answer_all(self, turns: list[Turn], models: list[str]) -> list[dict]:
         if len(turns) == 1:
             return [self.answer(turns[0], models[0])]
-        # Rows submitted together decode as one engine batch.
+        # Rows submitted together decode as one batch.
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(turns)) as pool:

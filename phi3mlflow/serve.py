@@ -9,11 +9,11 @@ same loaded model (``POST /invocations``, ``GET /health``, ``/ping``, ``/version
 not used.
 
 Every request is checked (phi3mlflow.openai_chat) before any generation: a bad one gets a 400
-whose message names the field. The ONNX model generates through its og.Engine, so concurrent
-requests, streaming or not, are batched; a client that disconnects cancels its generation; more
-requests than the engine takes get a 503 with Retry-After. The transformers model answers one
-request at a time (its pipeline is not safe to call from several threads) and streams its answer
-as one chunk (the llm/v1/chat flavor has no token stream).
+whose message names the field. The ONNX model generates through its batching loop
+(phi3mlflow/engine.py), so concurrent requests, streaming or not, are batched; a client that
+disconnects cancels its generation; more requests than the loop takes get a 503 with Retry-After.
+The transformers model answers one request at a time (its pipeline is not safe to call from
+several threads) and streams its answer as one chunk (the llm/v1/chat flavor has no token stream).
 
 ``--trace`` (off by default: a trace costs every request a little, see ``tracing_cost`` in
 bench/README.md) leaves an MLflow trace per chat completion in the active tracking store, linked
@@ -52,14 +52,14 @@ class Prepared:
 
 
 class OnnxBackend:
-    """The ONNX pyfunc's og.Engine: concurrent requests batched, each cancellable."""
+    """The ONNX pyfunc's batching loop: concurrent requests batched, each cancellable."""
 
     wrapper = "onnx"
 
     def __init__(self, python_model):
         self.model = python_model
         self.context_length = python_model.chat.context_length
-        self.engine = python_model.chat.engine  # started now, not on the first request
+        self.batcher = python_model.chat.batcher  # started now, not on the first request
 
     def prepare(self, body) -> Prepared:
         request = openai_chat.parse(body, self.context_length)
@@ -68,7 +68,7 @@ class OnnxBackend:
     async def events(self, prepared: Prepared) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         box: asyncio.Queue = asyncio.Queue()
-        ticket = self.engine.submit(prepared.turn, lambda e: loop.call_soon_threadsafe(box.put_nowait, e))
+        ticket = self.batcher.submit(prepared.turn, lambda e: loop.call_soon_threadsafe(box.put_nowait, e))
         finished = False
         try:
             while not finished:
@@ -77,7 +77,7 @@ class OnnxBackend:
                 yield event
         finally:
             if not finished:  # the client went away: stop generating for it
-                self.engine.cancel(ticket)
+                self.batcher.cancel(ticket)
 
 
 class PipelineBackend:
@@ -169,7 +169,7 @@ async def _traced(events: AsyncGenerator[Event, None], trace: RequestTrace) -> A
             trace.see(last)
             yield last
     finally:
-        trace.end(last)  # a disconnect or an overloaded engine ends it as an error
+        trace.end(last)  # a disconnect or an overloaded loop ends it as an error
         await events.aclose()  # closing this generator must still cancel the generation
 
 
@@ -227,7 +227,7 @@ def build_app(pyfunc_model, model_name: str, trace: bool = False):
         if trace:
             events = _traced(events, RequestTrace(body, backend.wrapper))
         try:
-            # The first event is awaited here, so an overloaded engine is a 503 rather than a broken stream.
+            # The first event is awaited here, so an overloaded loop is a 503 rather than a broken stream.
             first = await anext(events)
         except Overloaded as e:
             return _error(503, str(e), "overloaded", {"Retry-After": "1"})

@@ -24,8 +24,8 @@ Outputs (on the run):
   also logged on its LoggedModel (``model_id``), linked to the dataset, and every request leaves
   a trace linked to that model (local engine).
 Batches (local engine): an ONNX model gets its questions as requests of several prompts (as many as
-one request may hold: its max_prompts_per_request, and max_total_new_tokens / max_new_tokens), which
-it decodes as og.Engine batches; greedy answers equal one-at-a-time ones. A question's latency is
+one request may hold: its max_prompts_per_request, and max_total_new_tokens / max_new_tokens),
+shortest prompt first, which it decodes as batches; greedy answers equal one-at-a-time ones. A question's latency is
 then its batch's wall time (said so in summary.json, with questions_per_request), and tokens_per_s
 is generated tokens over the requests' wall time, the real throughput. Each request (a batch)
 leaves one trace; the transformers reference is asked one question per request.

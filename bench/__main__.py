@@ -43,6 +43,7 @@ REAL_TARGETS = {
     "real_int4_vs_chat_speedup": (">=", 7.0),
     "real_onnx_overhead_int4": ("<=", 1.05),
     "eval_batch_speedup": (">=", 2.0),
+    "real_serve_concurrency_throughput": (">=", 2.0),
 }
 REAL_REPORTED = ("real_noise_floor_int4",)
 # Figures with no target: the A/A control that says how much of a ratio is the machine's noise, and
@@ -132,6 +133,7 @@ def main(args) -> dict:
             ("real_noise_floor_int4", lambda: fig.noise_floor(setup, "int4", overhead_pairs)),
             # Each side asks 32 questions for seconds: fewer pairs say as much.
             ("eval_batch_speedup", lambda: fig.eval_batch_speedup(setup, args.pairs if args.quick else 3)),
+            ("real_serve_concurrency_throughput", lambda: fig.serve_concurrency_throughput(setup, args.pairs)),
         )
         main_figures = (
             ("onnx_overhead_fp32", lambda: fig.onnx_overhead(setup, "fp32", overhead_pairs)),

@@ -86,9 +86,10 @@ class BatchLoop:
     """The worker thread around one ORT GenAI model; a daemon, started with the object."""
 
     def __init__(self, og, model, tokenizer, eos: set[int], pad: int, context_length: int, max_batch_size: int,
-                 max_waiting: int = MAX_WAITING):  # fmt: skip
+                 kv_bytes_per_token: int = 0, max_batch_kv_bytes: int = 0, max_waiting: int = MAX_WAITING):  # fmt: skip
         self.og, self.model, self.tokenizer, self.eos, self.pad = og, model, tokenizer, eos, pad
         self.context_length, self.max_batch_size, self.max_waiting = context_length, max_batch_size, max_waiting
+        self.kv_bytes_per_token, self.max_batch_kv_bytes = kv_bytes_per_token, max_batch_kv_bytes
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._tickets = itertools.count()
         self._count_lock = threading.Lock()
@@ -220,21 +221,27 @@ class BatchLoop:
                         break
 
     def _next_batch(self) -> list[tuple[int, Turn, Sink]]:
-        """The first waiting request and, in order, those that share its sampling settings, as long as
-        every row's whole answer fits in the context after the longest prompt (rows share one length)."""
+        """The first waiting request and, in order, those that share its sampling settings, while
+        every row's whole answer fits in the context after the batch's longest prompt (the rows share
+        one length) and the batch's KV cache (rows x that length) stays within max_batch_kv_bytes.
+        The first request always goes, alone if need be: it was checked against the context."""
         if not self._waiting:
             return []
-        first = self._waiting[0][1]
-        key = (first.temperature > 0, first.temperature, first.top_p if first.temperature > 0 else 1.0)
+
+        def sampling(turn: Turn) -> tuple:
+            return (turn.temperature, turn.top_p) if turn.temperature > 0 else (0.0, 1.0)
+
+        key = sampling(self._waiting[0][1])
         batch: list[tuple[int, Turn, Sink]] = []
         longest = most = 0
         for item in self._waiting:
-            turn = item[1]
             if len(batch) == self.max_batch_size:
                 break
-            same = (turn.temperature > 0, turn.temperature, turn.top_p if turn.temperature > 0 else 1.0) == key
-            fits = max(longest, len(turn.ids)) + max(most, turn.max_tokens) <= self.context_length
-            if same and (fits or not batch):
+            turn = item[1]
+            length = max(longest, len(turn.ids)) + max(most, turn.max_tokens)
+            kv = (len(batch) + 1) * length * self.kv_bytes_per_token
+            fits = length <= self.context_length and (not self.max_batch_kv_bytes or kv <= self.max_batch_kv_bytes)
+            if sampling(turn) == key and (fits or not batch):
                 batch.append(item)
                 longest, most = max(longest, len(turn.ids)), max(most, turn.max_tokens)
         taken = {ticket for ticket, _, _ in batch}

@@ -31,6 +31,10 @@ MAX_TOTAL_NEW_TOKENS = 4096
 # costs ~5x a step of one, of 32 rows ~9x, and a batch runs until its longest answer, so 32 gains
 # a few per cent over 16 for twice the KV cache (gigabytes on Phi-3-mini).
 MAX_BATCH_SIZE = 16
+# The most KV cache one batch may hold (rows x their shared length x bytes per token): 2 GiB is
+# 16 evaluation questions of Phi-3-mini (fp32 KV, 768 KiB a token) or ~2700 tokens of chat, and
+# no limit that SmolLM2 (45 KiB a token) reaches at 16 rows.
+MAX_BATCH_KV_BYTES = 2 * 2**30
 
 
 class InvalidRequest(ValueError):
@@ -120,6 +124,15 @@ class GenAIChat:
         self.context_length = int(genai_config["model"]["context_length"])
         # What batches are right-padded with: the pad id ORT GenAI's config names (Tokenizer.encode_batch pads so).
         self.pad_token_id = int(genai_config["model"].get("pad_token_id", 0))
+        decoder = genai_config["model"]["decoder"]
+        # Keys and values of every layer, fp32 (the builder's CPU exports keep the KV cache in float).
+        self.kv_bytes_per_token = (
+            2
+            * 4
+            * int(decoder["num_hidden_layers"])
+            * int(decoder.get("num_key_value_heads", decoder.get("num_attention_heads", 1)))
+            * int(decoder.get("head_size", 0))
+        )
         # The text the template puts before a user turn (e.g. "<|user|>"): a prompt that already
         # contains it was formatted by the caller and is passed through untouched.
         probe = self.tokenizer.apply_chat_template(
@@ -137,7 +150,8 @@ class GenAIChat:
                 from phi3mlflow.engine import BatchLoop
 
                 self._batcher = BatchLoop(self.og, self.model, self.tokenizer, self.eos, self.pad_token_id,
-                                          self.context_length, self.max_batch_size)  # fmt: skip
+                                          self.context_length, self.max_batch_size, self.kv_bytes_per_token,
+                                          MAX_BATCH_KV_BYTES)  # fmt: skip
             return self._batcher
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:

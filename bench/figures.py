@@ -472,7 +472,7 @@ def _stream_chat(port: int, prompt: str, max_tokens: int) -> int:
 
 def serve_concurrency_throughput(s: Setup, pairs: int) -> dict:
     """Generated tokens/s of the int4 ONNX model behind `python -m phi3mlflow.serve`: 8 concurrent
-    streaming clients (A) over the same 8 requests one after another (B). Above 1: the engine batches."""
+    streaming clients (A) over the same 8 requests one after another (B). Above 1: batching pays."""
     from concurrent.futures import ThreadPoolExecutor
 
     with socket.socket() as sock:

@@ -3,7 +3,8 @@
 One worker thread owns generation. Callers talk to it through a queue: ``submit`` hands it a
 ``Turn`` (token ids and search options) plus a sink (a callable the worker calls with each
 ``Delta`` and the final ``Done`` or ``Failed``); a caller that goes away calls ``cancel`` and gets
-no more events.
+one last ``Done("cancelled")``, then nothing. A sink that raises ends its own request only (as if
+cancelled); its batch-mates go on.
 
 The worker takes what is waiting (after a first request, what else arrives within ``GATHER_S``) and
 decodes up to ``max_batch_size`` requests with the same sampling settings as one ORT GenAI generator
@@ -175,14 +176,15 @@ class BatchLoop:
                 if batch:
                     self._run(batch)
         except BaseException as e:
-            # Never leave a caller waiting on a dead thread: fail what is in flight and all later submits.
+            # Never leave a caller waiting on a dead thread: fail what is in flight, what is still in
+            # the inbox, and (through _broken) every later submit.
             with self._count_lock:
                 self._broken = f"the generation thread died: {e}"
-            for _, _, sink in self._waiting:
-                sink(Failed(self._broken))
-            for row in self._rows.values():
-                if not row.finished:
-                    row.sink(Failed(self._broken))
+            sinks = [sink for _, _, sink in self._waiting]
+            sinks += [row.sink for row in self._rows.values() if not row.finished]
+            sinks += [sink for kind, _, _, sink in self._drain() if kind == "submit"]
+            for sink in sinks:
+                _deliver(sink, Failed(self._broken))
             raise
 
     def _gather(self) -> list:
@@ -285,8 +287,8 @@ class BatchLoop:
             for row in rows:
                 if not row.finished:
                     self._end(row, Failed(f"generation failed: {e}"))
-        finally:
-            self._rows = {}
+        # Not in a finally: if the thread itself dies, _main fails these rows' callers.
+        self._rows = {}
 
     def _token(self, row: _Row, token: int) -> None:
         row.generated += 1
@@ -305,14 +307,16 @@ class BatchLoop:
         else:
             visible = len(row.text)
         if visible > row.sent:
-            row.sink(Delta(row.text[row.sent : visible]))
+            if not _deliver(row.sink, Delta(row.text[row.sent : visible])):
+                self._end(row, Done("cancelled", len(row.turn.ids), row.generated))
+                return
             row.sent = visible
         if row.generated >= row.turn.max_tokens:
             self._end(row, Done("length", len(row.turn.ids), row.generated))
 
     def _end(self, row: _Row, event: Event) -> None:
         if isinstance(event, Done) and event.finish_reason != "cancelled" and row.sent < len(row.text):
-            row.sink(Delta(row.text[row.sent :]))  # what a possible stop string held back
+            _deliver(row.sink, Delta(row.text[row.sent :]))  # what a possible stop string held back
             row.sent = len(row.text)
         row.finished = True
         self._finish(row.sink, event)
@@ -320,4 +324,15 @@ class BatchLoop:
     def _finish(self, sink: Sink, event: Event) -> None:
         with self._count_lock:
             self._in_loop -= 1
+        _deliver(sink, event)
+
+
+def _deliver(sink: Sink, event: Event) -> bool:
+    """Hand ``event`` to a caller's sink; False if the sink raised. A caller's failure (an event loop
+    closed under a server's request, say) must not reach the worker: it would end every batch-mate's
+    answer and the thread with them."""
+    try:
         sink(event)
+        return True
+    except Exception:  # noqa: BLE001 - the caller's own problem; it gets no more events
+        return False

@@ -20,13 +20,16 @@ max_new_tokens); a request beyond them is refused (400).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 
 from phi3mlflow import openai_chat
-from phi3mlflow.engine import Delta, Done, Failed, Turn
+from phi3mlflow.engine import Delta, Done, Failed, Overloaded, Turn
 from phi3mlflow.genai import (
     MAX_BATCH_SIZE,
     MAX_PROMPTS_PER_REQUEST,
@@ -163,7 +166,8 @@ class OnnxChatModel(PythonModel):
                 raise _invalid(str(e)) from None
             if len(turns) > self.max_prompts:
                 raise _invalid(f"max_prompts_per_request: {len(turns)} requests; this model takes {self.max_prompts}")
-            return self._answer_all(turns, [r.model or "" for r in requests])
+            with _generation_errors():
+                return self._answer_all(turns, [r.model or "" for r in requests])
         opts = self._options(params)
         prompts = self._prompts(model_input)
         self._check_caps(prompts, opts)
@@ -173,16 +177,18 @@ class OnnxChatModel(PythonModel):
         except InvalidRequest as e:
             raise _invalid(str(e)) from None
         # Several prompts decode together in batches whose greedy answers equal one-at-a-time ones.
-        return self.chat.generate_many(ids, opts)
+        with _generation_errors():
+            return self.chat.generate_many(ids, opts)
 
     def _answer_all(self, turns: list[Turn], models: list[str]) -> list[dict]:
         if len(turns) == 1:
             return [self.answer(turns[0], models[0])]
-        # Rows submitted together decode as one batch.
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(len(turns)) as pool:
-            return list(pool.map(self.answer, turns, models))
+        # Rows submitted together decode as one batch; one failing cancels the others.
+        answers = self.chat.batcher.answer_all(turns)
+        return [
+            openai_chat.completion(name or MODEL_NAME, text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
+            for (text, d), name in zip(answers, models, strict=True)
+        ]
 
     def predict_stream(self, context, model_input, params=None):
         opts = self._options(params)
@@ -195,6 +201,19 @@ class OnnxChatModel(PythonModel):
         except InvalidRequest as e:
             raise _invalid(str(e)) from None
         yield from self.chat.stream_ids(ids, opts)
+
+
+@contextmanager
+def _generation_errors():
+    """The batching loop's errors as the MlflowException `mlflow models serve` answers with the
+    right status: Overloaded 503 (TEMPORARILY_UNAVAILABLE), a failed generation 500; it answers 400
+    to any other exception, which would blame the request."""
+    try:
+        yield
+    except Overloaded as e:
+        raise MlflowException(f"the model is busy: {e}", error_code=TEMPORARILY_UNAVAILABLE) from None
+    except RuntimeError as e:
+        raise MlflowException(str(e)) from None
 
 
 def _missing(value) -> bool:

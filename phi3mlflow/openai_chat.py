@@ -106,9 +106,11 @@ def check_length(prompt_tokens: int, max_tokens: int, context_length: int) -> No
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """``text`` cut before the first stop string (OpenAI leaves it out), and whether one was found."""
-    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+    """``text`` cut before the stop string that ends first (OpenAI leaves it out), and whether one was
+    found. Ends first, not starts first: a stream stops at the first stop string it completes, so
+    with ``["blue", " blue,"]`` "The sky is blue, ..." ends "The sky is " whether streamed or not."""
+    found = [(i + len(s), i) for s in stop if (i := text.find(s)) >= 0]
+    return (text[: min(found)[1]], True) if found else (text, False)
 
 
 def held_back(text: str, stop: list[str]) -> int:

@@ -3,8 +3,11 @@
 Routes: ``POST /v1/chat/completions`` (with ``"stream": true``: server-sent events in OpenAI's chunk
 format, ending with ``data: [DONE]``), ``GET /v1/models``, and MLflow's own scoring server for the
 same loaded model (``POST /invocations``, ``GET /health``, ``/ping``, ``/version``):
-``mlflow.pyfunc.scoring_server.init`` builds the app and the OpenAI routes are added to it, so
-``/invocations`` answers exactly as ``mlflow models serve`` does. MLflow 3.17's
+``mlflow.pyfunc.scoring_server.init`` builds that app and it is mounted behind the OpenAI routes,
+so ``/invocations`` answers exactly as ``mlflow models serve`` does. The OpenAI routes stay outside
+its request-timeout middleware: a Starlette ``BaseHTTPMiddleware`` hides a client's disconnect from
+``Request.is_disconnected`` (a non-streaming answer would run to its end for nobody), and a long
+answer must not be cut at MLflow's scoring timeout. MLflow 3.17's
 ``mlflow.genai.agent_server`` serves the Responses API of agents, not chat completions, so it is
 not used.
 
@@ -43,6 +46,9 @@ from phi3mlflow.genai import InvalidRequest
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.5
+# On SIGTERM, how long requests in progress may go on before they are cancelled: a stream may
+# have thousands of tokens to go, and an orchestrator kills the process after its own grace period.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 @dataclass(frozen=True)
@@ -195,11 +201,12 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
 def build_app(pyfunc_model, model_name: str, trace: bool = False):
     """MLflow's scoring app for ``pyfunc_model`` with the OpenAI routes added; ``trace``: an MLflow
     trace per chat completion, linked to the model."""
+    from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
     from mlflow.pyfunc import scoring_server
 
     backend = backend_for(pyfunc_model)
-    app = scoring_server.init(pyfunc_model)
+    app = FastAPI()
     if trace:
         import mlflow
 
@@ -235,6 +242,7 @@ def build_app(pyfunc_model, model_name: str, trace: bool = False):
             return StreamingResponse(_sse(first, events, prepared, model_name), media_type="text/event-stream")
         return await _complete(http, first, events, prepared, model_name)
 
+    app.mount("/", scoring_server.init(pyfunc_model))  # after the routes above: they match first
     app.state.backend = backend
     return app
 
@@ -244,6 +252,7 @@ async def _complete(http, first: Event, events, prepared: Prepared, model_name: 
 
     parts: list[str] = []
     event: Event | None = first
+    checked = time.monotonic()
     try:
         while True:
             if isinstance(event, Delta):
@@ -254,12 +263,15 @@ async def _complete(http, first: Event, events, prepared: Prepared, model_name: 
                 name = prepared.request.model or model_name
                 return JSONResponse(openai_chat.completion(name, "".join(parts), event.finish_reason,
                                                            event.prompt_tokens, event.completion_tokens))  # fmt: skip
-            # Wake up now and then to see whether the client is still waiting for the answer. The
-            # pending step is waited on, never cancelled: cancelling it would end the generator.
+            # See every DISCONNECT_POLL_S whether the client still waits for the answer: between
+            # tokens that come quickly, and while a step takes longer. The pending step is waited on,
+            # never cancelled: cancelling it would end the generator.
             pending = asyncio.ensure_future(anext(events))
-            while not (await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S))[0]:
+            while not (await asyncio.wait({pending}, timeout=checked + DISCONNECT_POLL_S - time.monotonic()))[0]:
+                checked = time.monotonic()
                 if await http.is_disconnected():
-                    pending.cancel()
+                    pending.cancel()  # the generator sees the cancel where it waits, and stops generating
+                    await asyncio.wait({pending})
                     return JSONResponse({}, status_code=499)
             event = pending.result()
     finally:
@@ -314,7 +326,7 @@ def serve(model_uri: str, host: str, port: int, model_name: str = "", trace: boo
         raise InputError("model_uri", f"cannot load {model_uri!r}: {str(e).strip().splitlines()[0][:300]}") from None
     app = build_app(model, model_name or model_uri, trace)
     print(f"serving {model_uri} ({app.state.backend.wrapper} wrapper) on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 def main(argv=None) -> None:

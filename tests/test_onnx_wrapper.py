@@ -81,6 +81,43 @@ def test_batched_greedy_answers_equal_one_at_a_time_on_the_bundled_set(int4_mode
     assert differ == [], differ
 
 
+def test_a_caller_whose_sink_raises_ends_only_its_own_answer(int4_model):
+    """A server's event loop closed under a request makes that request's sink raise on the worker
+    thread: its batch-mate still gets the answer it gets alone, and the loop keeps serving."""
+    import queue
+
+    from phi3mlflow.engine import Delta, Done, Turn
+
+    model = int4_model.unwrap_python_model()
+    batcher = model.chat.batcher
+    turn = {q: Turn(model.chat.encode_messages([{"role": "user", "content": q}]), 16)
+            for q in ("What is the capital of Spain?", "What is the capital of Italy?")}  # fmt: skip
+    [(alone, _)] = batcher.answer_all([turn["What is the capital of Italy?"]])
+
+    def broken(event):
+        raise RuntimeError("Event loop is closed")
+
+    good: queue.SimpleQueue = queue.SimpleQueue()
+    batcher.submit(turn["What is the capital of Spain?"], broken)  # the two decode as one batch
+    batcher.submit(turn["What is the capital of Italy?"], good.put)
+    events = [good.get(timeout=60)]
+    while isinstance(events[-1], Delta):
+        events.append(good.get(timeout=60))
+    assert isinstance(events[-1], Done) and "".join(e.text for e in events[:-1]) == alone
+    assert batcher.answer_all([turn["What is the capital of Italy?"]])[0][0] == alone
+
+
+def test_a_busy_model_is_a_503_not_a_bad_request(int4_run):
+    """More requests than the batching loop takes are refused as MLflow's TEMPORARILY_UNAVAILABLE,
+    which `mlflow models serve` answers 503 (it answers 400 to an unknown error, blaming the request)."""
+    busy = mlflow.pyfunc.load_model(int4_run.run.data.tags["model_uri"])
+    busy.unwrap_python_model().chat.batcher.max_waiting = 1
+    for request in ({"prompt": ["Hi", "Hello"]}, pd.DataFrame({"messages": [[{"role": "user", "content": "Hi"}]] * 2})):
+        with pytest.raises(MlflowException, match="the model is busy") as e:
+            busy.predict(request, params={"max_new_tokens": 4} if "prompt" in request else None)
+        assert e.value.get_http_status_code() == 503
+
+
 def test_requirements_name_onnxruntime_genai_not_torch(int4_run):
     reqs = open(mlflow.pyfunc.get_model_dependencies(int4_run.run.data.tags["model_uri"])).read()
     assert "onnxruntime-genai==" in reqs

@@ -60,6 +60,8 @@ def test_a_good_request_keeps_what_the_client_set_and_leaves_the_rest_to_the_mod
 def test_stop_strings_are_cut_and_their_possible_starts_held_back():
     assert openai_chat.truncate_at_stop("Madrid. Next", [". N", "xx"]) == ("Madrid", True)
     assert openai_chat.truncate_at_stop("Madrid", ["."]) == ("Madrid", False)
+    # The stop string that ends first wins, as it does in a stream, not the one that starts first.
+    assert openai_chat.truncate_at_stop("The sky is blue, a", [" blue,", "blue"]) == ("The sky is ", True)
     assert openai_chat.held_back("Madrid.", [". N"]) == 1
     assert openai_chat.held_back("Madrid. ", [". N"]) == 2
     assert openai_chat.held_back("Madrid", [". N"]) == 0

@@ -46,6 +46,43 @@ def test_a_decode_step_slower_than_the_disconnect_poll_is_waited_for(monkeypatch
     assert body["usage"]["completion_tokens"] == 2 and closed == [True]
 
 
+class _GoneAfter:
+    def __init__(self, polls: int):
+        self.polls = polls
+
+    async def is_disconnected(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+
+def test_a_client_that_leaves_while_tokens_flow_quickly_cancels_its_answer(monkeypatch):
+    """Steps faster than the poll must not hide a disconnect until the answer is complete (the
+    check once ran only while a step took longer than the poll)."""
+    monkeypatch.setattr(serve, "DISCONNECT_POLL_S", 0.05)
+    closed, sent = [], []
+
+    async def endless():
+        try:
+            while True:
+                await asyncio.sleep(0.005)
+                sent.append(1)
+                yield Delta("x")
+        finally:
+            closed.append(True)
+
+    async def complete():
+        events = endless()
+        first = await anext(events)
+        request = serve.openai_chat.parse({"messages": [{"role": "user", "content": "Hi"}]}, None)
+        return await asyncio.wait_for(
+            serve._complete(_GoneAfter(2), first, events, serve.Prepared(request, None), "m"), 10
+        )
+
+    response = asyncio.run(complete())
+    assert response.status_code == 499 and closed == [True]
+    assert len(sent) < 200  # about 3 polls of 10 tokens each, not the 10 s the wait allows
+
+
 @pytest.mark.parametrize(
     "message,param",
     [("messages[0].role: must be one of system, user, assistant", "messages"),

@@ -213,7 +213,7 @@ def settle_alias(client, name: str, alias: str, version: str, metric: str, mine:
     better version. After writing, re-read: if another version now holds the alias and ours is
     strictly better on ``metric``, take it back; otherwise leave theirs.
     """
-    client.set_registered_model_alias(name, alias, version)
+    set_alias(client, name, alias, version)
     for _ in range(rounds):
         time.sleep(0.5)
         holder, holder_tags = alias_tags(client, name, alias)
@@ -222,4 +222,21 @@ def settle_alias(client, name: str, alias: str, version: str, metric: str, mine:
         theirs = (holder_tags or {}).get(f"metric.{metric}")
         if theirs is None or not better(metric, float(mine[f"metric.{metric}"]), float(theirs)):
             return
-        client.set_registered_model_alias(name, alias, version)
+        set_alias(client, name, alias, version)
+
+
+def set_alias(client, name: str, alias: str, version: str, tries: int = 5) -> None:
+    """``set_registered_model_alias``, again when a concurrent write of the same alias made it fail.
+    The SQL store writes an alias as select-then-insert, so of two registrations writing a new alias
+    at once one hits the unique key and gets a 400 (BAD_REQUEST; a locked SQLite database is
+    TEMPORARILY_UNAVAILABLE). Any other error, or the same one ``tries`` times, is raised."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as e:
+            if attempt == tries - 1 or e.error_code not in ("BAD_REQUEST", "TEMPORARILY_UNAVAILABLE"):
+                raise
+            time.sleep(0.2 * (attempt + 1))

@@ -257,6 +257,37 @@ def test_settle_alias_takes_the_alias_back_only_from_a_worse_concurrent_writer(
     assert client.holder == holder and client.writes == ["2"] * writes
 
 
+@pytest.mark.parametrize(
+    "code,failures,written",
+    [("BAD_REQUEST", 2, True), ("TEMPORARILY_UNAVAILABLE", 1, True), ("BAD_REQUEST", 5, False),
+     ("RESOURCE_DOES_NOT_EXIST", 1, False)],
+)  # fmt: skip
+def test_an_alias_write_that_lost_a_race_is_written_again(monkeypatch, code, failures, written):
+    """Two registrations writing a new alias at once: the SQL store's select-then-insert gives one of
+    them a unique-key error (400 through the server, seen in CI). It writes again; other errors, or a
+    conflict that does not go away, are raised."""
+    from mlflow.protos import databricks_pb2
+
+    monkeypatch.setattr(registry.time, "sleep", lambda s: None)
+    client = _Registry({"2": {"metric.accuracy": "0.9"}})
+    write, calls = client.set_registered_model_alias, []
+
+    def racing(name, alias, version):
+        calls.append(version)
+        if len(calls) <= failures:
+            raise MlflowException("UNIQUE constraint failed", error_code=getattr(databricks_pb2, code))
+        write(name, alias, version)
+
+    client.set_registered_model_alias = racing
+    if written:
+        registry.settle_alias(client, "m", "champion", "2", "accuracy", client.tags["2"])
+        assert client.holder == "2" and len(calls) == failures + 1
+    else:
+        with pytest.raises(MlflowException, match="UNIQUE"):
+            registry.settle_alias(client, "m", "champion", "2", "accuracy", client.tags["2"])
+        assert client.holder is None and len(calls) == min(failures, 5)
+
+
 def test_settle_alias_stops_when_the_alias_is_gone(monkeypatch):
     monkeypatch.setattr(registry.time, "sleep", lambda s: None)
     client = _Registry({"2": {"metric.accuracy": "0.9"}})

@@ -124,6 +124,7 @@ class BatchLoop:
         RuntimeError when one fails, after the others are cancelled."""
         results: list[list] = [[[], None] for _ in turns]
         finished = threading.Semaphore(0)
+        failures: list[Failed] = []
 
         def sink_for(i: int) -> Sink:
             def sink(event: Event) -> None:
@@ -131,6 +132,8 @@ class BatchLoop:
                     results[i][0].append(event.text)
                 else:
                     results[i][1] = event
+                    if isinstance(event, Failed):
+                        failures.append(event)
                     finished.release()
 
             return sink
@@ -141,13 +144,12 @@ class BatchLoop:
                 tickets.append(self.submit(turn, sink_for(i)))
             for _ in tickets:
                 finished.acquire()
+                if failures:  # no one will read the other answers: stop generating them
+                    raise RuntimeError(failures[0].message)
         except BaseException:
             for ticket in tickets:
-                self.cancel(ticket)
+                self.cancel(ticket)  # a finished one's cancel is ignored
             raise
-        failed = next((r[1] for r in results if isinstance(r[1], Failed)), None)
-        if failed is not None:
-            raise RuntimeError(failed.message)
         return [("".join(text), done) for text, done in results]
 
     def events(self, turn: Turn) -> Iterator[Event]:
@@ -279,7 +281,7 @@ class BatchLoop:
                         self._token(row, int(token))
                 self._take(self._drain())  # cancels end their rows now; new requests wait for the next batch
                 if all(row.finished for row in rows):
-                    return
+                    break
             for row in rows:
                 if not row.finished:
                     self._end(row, Done("length", len(row.turn.ids), row.generated))

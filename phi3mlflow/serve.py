@@ -3,11 +3,11 @@
 Routes: ``POST /v1/chat/completions`` (with ``"stream": true``: server-sent events in OpenAI's chunk
 format, ending with ``data: [DONE]``), ``GET /v1/models``, and MLflow's own scoring server for the
 same loaded model (``POST /invocations``, ``GET /health``, ``/ping``, ``/version``):
-``mlflow.pyfunc.scoring_server.init`` builds that app and it is mounted behind the OpenAI routes,
-so ``/invocations`` answers exactly as ``mlflow models serve`` does. The OpenAI routes stay outside
-its request-timeout middleware: a Starlette ``BaseHTTPMiddleware`` hides a client's disconnect from
-``Request.is_disconnected`` (a non-streaming answer would run to its end for nobody), and a long
-answer must not be cut at MLflow's scoring timeout. MLflow 3.17's
+``mlflow.pyfunc.scoring_server.init`` builds that app and it answers every path the OpenAI routes
+do not (the router's default), so ``/invocations`` answers exactly as ``mlflow models serve`` does.
+The OpenAI routes stay outside its request-timeout middleware: a Starlette ``BaseHTTPMiddleware``
+hides a client's disconnect from ``Request.is_disconnected`` (a non-streaming answer would run to
+its end for nobody), and a long answer must not be cut at MLflow's scoring timeout. MLflow 3.17's
 ``mlflow.genai.agent_server`` serves the Responses API of agents, not chat completions, so it is
 not used.
 
@@ -242,7 +242,9 @@ def build_app(pyfunc_model, model_name: str, trace: bool = False):
             return StreamingResponse(_sse(first, events, prepared, model_name), media_type="text/event-stream")
         return await _complete(http, first, events, prepared, model_name)
 
-    app.mount("/", scoring_server.init(pyfunc_model))  # after the routes above: they match first
+    # Not a mount at "/": that would match every path first and turn the OpenAI routes' trailing-slash
+    # redirects and 405s into 404s.
+    app.router.default = scoring_server.init(pyfunc_model)
     app.state.backend = backend
     return app
 
@@ -253,6 +255,7 @@ async def _complete(http, first: Event, events, prepared: Prepared, model_name: 
     parts: list[str] = []
     event: Event | None = first
     checked = time.monotonic()
+    pending: asyncio.Future | None = None
     try:
         while True:
             if isinstance(event, Delta):
@@ -275,6 +278,11 @@ async def _complete(http, first: Event, events, prepared: Prepared, model_name: 
                     return JSONResponse({}, status_code=499)
             event = pending.result()
     finally:
+        # Cancelled itself (a server shutting down) while a step is pending: end that step first, or
+        # closing the generator fails as "already running" and the generation goes on.
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.wait({pending})
         await events.aclose()  # cancels the generation if it is still running
 
 

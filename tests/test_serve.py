@@ -7,6 +7,7 @@ wrapper for the module, on the session's logged models (int4_run, chat_run)."""
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -186,6 +187,21 @@ def test_models_health_and_invocations_answer_on_the_same_server(servers, int4_r
     assert json.loads(text)[0]["choices"][0]["message"]["content"] == "The capital of Spain is Madrid."
     status, text = post(f"{servers['onnx']}/invocations", {"inputs": {"prompt": ["What is the capital of Peru?"]}})
     assert status == 200 and json.loads(text)["predictions"] == ["The capital of Peru is Lima."]
+    # MLflow's app answers only what the OpenAI routes do not: theirs keep their slash redirect and 405.
+    for method, path, expected in [("GET", "/v1/models/", 307), ("GET", "/v1/chat/completions", 405),
+                                   ("GET", "/ping", 200), ("GET", "/version", 200), ("GET", "/nope", 404)]:  # fmt: skip
+        request = urllib.request.Request(f"{servers['onnx']}{path}", method=method)
+        try:
+            with urllib.request.build_opener(_NoRedirect).open(request, timeout=30) as r:
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        assert status == expected, (method, path, status)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
 
 
 @pytest.mark.slow

@@ -83,6 +83,33 @@ def test_a_client_that_leaves_while_tokens_flow_quickly_cancels_its_answer(monke
     assert len(sent) < 200  # about 3 polls of 10 tokens each, not the 10 s the wait allows
 
 
+def test_a_request_cancelled_during_a_step_still_cancels_its_generation():
+    """A server shutting down cancels the request's task while a step is pending (uvicorn after
+    its graceful timeout): the generation must still be closed, which cancels its ticket."""
+    closed = []
+
+    async def slow():
+        try:
+            while True:
+                await asyncio.sleep(3600)  # a long step, or text held back for a stop string
+                yield Delta("x")
+        finally:
+            closed.append(True)
+
+    async def cancel_mid_step():
+        request = serve.openai_chat.parse({"messages": [{"role": "user", "content": "Hi"}]}, None)
+        task = asyncio.create_task(
+            serve._complete(_StillThere(), Delta("a"), slow(), serve.Prepared(request, None), "m")
+        )
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_mid_step())
+    assert closed == [True]
+
+
 @pytest.mark.parametrize(
     "message,param",
     [("messages[0].role: must be one of system, user, assistant", "messages"),

@@ -29,7 +29,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 
 from phi3mlflow import openai_chat
-from phi3mlflow.engine import Delta, Done, Failed, Overloaded, Turn
+from phi3mlflow.engine import Overloaded, Turn
 from phi3mlflow.genai import (
     MAX_BATCH_SIZE,
     MAX_PROMPTS_PER_REQUEST,
@@ -120,20 +120,6 @@ class OnnxChatModel(PythonModel):
         openai_chat.check_length(len(ids), max_tokens, self.chat.context_length)
         return Turn(ids, max_tokens, temperature, top_p, request.stop)
 
-    def answer(self, turn: Turn, model: str = "") -> dict:
-        """One chat.completion, generated through the batching loop (with whatever else is in flight)."""
-        content, done = [], None
-        for event in self.chat.batcher.events(turn):
-            if isinstance(event, Delta):
-                content.append(event.text)
-            elif isinstance(event, Failed):
-                raise MlflowException(event.message)
-            elif isinstance(event, Done):
-                done = event
-        assert done is not None
-        return openai_chat.completion(model or MODEL_NAME, "".join(content), done.finish_reason, done.prompt_tokens,
-                                      done.completion_tokens)  # fmt: skip
-
     def _chat_rows(self, model_input) -> list[dict] | None:
         """The rows of a chat request (a dict, or the DataFrame MLflow's schema check makes of it), or
         None for a prompt request."""
@@ -181,9 +167,8 @@ class OnnxChatModel(PythonModel):
             return self.chat.generate_many(ids, opts)
 
     def _answer_all(self, turns: list[Turn], models: list[str]) -> list[dict]:
-        if len(turns) == 1:
-            return [self.answer(turns[0], models[0])]
-        # Rows submitted together decode as one batch; one failing cancels the others.
+        """One chat.completion per turn, through the batching loop (rows submitted together decode as
+        one batch, with whatever else is in flight; one failing cancels the others)."""
         answers = self.chat.batcher.answer_all(turns)
         return [
             openai_chat.completion(name or MODEL_NAME, text, d.finish_reason, d.prompt_tokens, d.completion_tokens)

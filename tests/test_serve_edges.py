@@ -16,6 +16,12 @@ from phi3mlflow.engine import Delta, Done
 from tests.conftest import ROOT, openai_server
 
 
+def _complete(http, first, events):
+    """serve._complete for a one-message request, the way the chat route calls it."""
+    request = serve.openai_chat.parse({"messages": [{"role": "user", "content": "Hi"}]}, None)
+    return serve._complete(http, first, events, serve.Prepared(request, None), "m")
+
+
 class _StillThere:
     async def is_disconnected(self) -> bool:
         return False
@@ -36,9 +42,7 @@ def test_a_decode_step_slower_than_the_disconnect_poll_is_waited_for(monkeypatch
 
     async def complete():
         events = slow_stream()
-        first = await anext(events)
-        request = serve.openai_chat.parse({"messages": [{"role": "user", "content": "Hi"}]}, None)
-        return await serve._complete(_StillThere(), first, events, serve.Prepared(request, None), "m")
+        return await _complete(_StillThere(), await anext(events), events)
 
     response = asyncio.run(complete())
     body = json.loads(response.body)
@@ -72,11 +76,7 @@ def test_a_client_that_leaves_while_tokens_flow_quickly_cancels_its_answer(monke
 
     async def complete():
         events = endless()
-        first = await anext(events)
-        request = serve.openai_chat.parse({"messages": [{"role": "user", "content": "Hi"}]}, None)
-        return await asyncio.wait_for(
-            serve._complete(_GoneAfter(2), first, events, serve.Prepared(request, None), "m"), 10
-        )
+        return await asyncio.wait_for(_complete(_GoneAfter(2), await anext(events), events), 10)
 
     response = asyncio.run(complete())
     assert response.status_code == 499 and closed == [True]
@@ -97,10 +97,7 @@ def test_a_request_cancelled_during_a_step_still_cancels_its_generation():
             closed.append(True)
 
     async def cancel_mid_step():
-        request = serve.openai_chat.parse({"messages": [{"role": "user", "content": "Hi"}]}, None)
-        task = asyncio.create_task(
-            serve._complete(_StillThere(), Delta("a"), slow(), serve.Prepared(request, None), "m")
-        )
+        task = asyncio.create_task(_complete(_StillThere(), Delta("a"), slow()))
         await asyncio.sleep(0.1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

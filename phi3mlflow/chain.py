@@ -21,13 +21,13 @@ PROFILE_KEYS = (
     "model", "trust_remote_code", "precisions", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens",
     "temperature", "dataset", "question_column", "answer_column", "select_metric", "engine", "registered_model_name",
     "alias", "min_accuracy", "max_accuracy_drop", "force", "use_cache", "max_prompts_per_request",
-    "max_total_new_tokens",
+    "max_total_new_tokens", "max_kld", "fidelity",
 )  # fmt: skip
 # Keys renamed after profiles were in use: the error names the new spelling.
 RENAMED = {"precision": "precisions (a comma-separated list)"}
 # Keys added after profiles were in use: a profile without them gets the step's own default
 # (main fills it in from the parser of the step the key is wired to).
-OPTIONAL_KEYS = ("max_accuracy_drop", "max_prompts_per_request", "max_total_new_tokens")
+OPTIONAL_KEYS = ("max_accuracy_drop", "max_prompts_per_request", "max_total_new_tokens", "max_kld", "fidelity")
 # The code a step runs and the environment it runs in: what the code version hashes. Profiles, data
 # and docs are not code: data reaches a step through a parameter, whose content is keyed itself.
 CODE_GLOBS = ("MLproject", "python_env.yaml", "conda.yaml", "requirements*.txt", "steps/**/*.py",
@@ -153,17 +153,19 @@ class Chain:
         )
         return runs[0] if runs else None
 
-    def run(self, name: str, params: dict, cacheable: bool = True, label: str | None = None) -> StepResult:
+    def run(self, name: str, params: dict, cacheable: bool = True, label: str | None = None,
+            extra_inputs: dict[str, str] | None = None) -> StepResult:  # fmt: skip
         """Run entry point ``name`` (or reuse a finished run); ``cacheable=False`` for side effects.
 
         ``label`` names the child on the parent (tags ``child.<label>.*``) when an entry point runs
-        more than once in a chain (``onnx_wrapper.int4``); it defaults to ``name``."""
+        more than once in a chain (``onnx_wrapper.int4``); it defaults to ``name``. ``extra_inputs``
+        are inputs that are no parameter (the champion's version) and key the cache all the same."""
         import mlflow
         from mlflow.exceptions import ExecutionException
 
         label = label or name
         params = {k: str(v) for k, v in params.items()}
-        inputs = self.inputs(params)
+        inputs = {**self.inputs(params), **(extra_inputs or {})}
         key = cache_key(name, params, self.code, inputs)
         if cacheable and self.use_cache and (hit := self.find_reusable(key)):
             problem = outputs_missing(self.client, name, hit)

@@ -3,7 +3,7 @@ benchmarks.
 
 The model and tokenizer are loaded once. A one-prompt request gets its own ``GeneratorParams`` and
 ``Generator``, so concurrent requests never share search state; chat requests and requests of
-several prompts go through the model's one batching loop (phi3mlflow/engine.py), which decodes
+several prompts go through the model's one batching loop (phi3mlflow/batching.py), which decodes
 the requests that are in flight together as ORT GenAI generator batches.
 """
 
@@ -15,10 +15,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from phi3mlflow.engine import BatchLoop
+from phi3mlflow.batching import BatchLoop, GenerationRequest, start_generator
+from phi3mlflow.errors import InvalidRequest
 
 SENTINEL = "\x00PROMPT\x00"
 # Caps on one request's work, so that no request holds a server for longer than its timeout
@@ -26,7 +25,7 @@ SENTINEL = "\x00PROMPT\x00"
 # cores. Logged in the model's model_config (onnx_wrapper's flags of the same names).
 MAX_PROMPTS_PER_REQUEST = 32
 MAX_TOTAL_NEW_TOKENS = 4096
-# Requests (or prompts of one request) decoded as one ORT GenAI generator batch (phi3mlflow/engine.py).
+# Requests (or prompts of one request) decoded as one ORT GenAI generator batch (phi3mlflow/batching.py).
 # Measured on SmolLM2-135M int4, 2 threads (bench/README.md, batched evaluation): a step of 16 rows
 # costs ~5x a step of one, of 32 rows ~9x, and a batch runs until its longest answer, so 32 gains
 # a few per cent over 16 for twice the KV cache (gigabytes on Phi-3-mini).
@@ -35,10 +34,6 @@ MAX_BATCH_SIZE = 16
 # 16 evaluation questions of Phi-3-mini (fp32 KV, 768 KiB a token) or ~2700 tokens of chat, and
 # no limit that SmolLM2 (45 KiB a token) reaches at 16 rows.
 MAX_BATCH_KV_BYTES = 2 * 2**30
-
-
-class InvalidRequest(ValueError):
-    """A request the model cannot serve; the message names the offending field."""
 
 
 @dataclass(frozen=True)
@@ -51,40 +46,37 @@ class SearchOptions:
     @classmethod
     def from_params(cls, params: dict | None, defaults: SearchOptions) -> SearchOptions:
         params = params or {}
-        try:
-            opts = cls(
-                max_new_tokens=_as_int(params.get("max_new_tokens", defaults.max_new_tokens), "max_new_tokens"),
-                temperature=_as_float(params.get("temperature", defaults.temperature), "temperature"),
-                top_p=_as_float(params.get("top_p", defaults.top_p), "top_p"),
-                do_sample=_as_bool(params.get("do_sample", defaults.do_sample), "do_sample"),
-            )
-        except (TypeError, ValueError) as e:
-            raise InvalidRequest(str(e)) from None
+        opts = cls(
+            max_new_tokens=_as_int(params.get("max_new_tokens", defaults.max_new_tokens), "max_new_tokens"),
+            temperature=_as_float(params.get("temperature", defaults.temperature), "temperature"),
+            top_p=_as_float(params.get("top_p", defaults.top_p), "top_p"),
+            do_sample=_as_bool(params.get("do_sample", defaults.do_sample), "do_sample"),
+        )
         if opts.max_new_tokens <= 0:
-            raise InvalidRequest(f"max_new_tokens must be > 0, got {opts.max_new_tokens}")
+            raise InvalidRequest("max_new_tokens", f"must be > 0, got {opts.max_new_tokens}")
         if not 0 <= opts.temperature < float("inf"):
-            raise InvalidRequest(f"temperature must be >= 0, got {opts.temperature}")
+            raise InvalidRequest("temperature", f"must be >= 0, got {opts.temperature}")
         if not 0 < opts.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {opts.top_p}")
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {opts.top_p}")
         return opts
 
 
 def _as_int(v, name):
     if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
+        raise InvalidRequest(name, f"must be an integer, got {v!r}")
     try:
         return int(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer, got {v!r}") from None
+        raise InvalidRequest(name, f"must be an integer, got {v!r}") from None
 
 
 def _as_float(v, name):
     if isinstance(v, bool):
-        raise ValueError(f"{name} must be a number, got {v!r}")
+        raise InvalidRequest(name, f"must be a number, got {v!r}")
     try:
         return float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {v!r}") from None
+        raise InvalidRequest(name, f"must be a number, got {v!r}") from None
 
 
 def _as_bool(v, name):
@@ -93,7 +85,7 @@ def _as_bool(v, name):
         return bool(v)
     if isinstance(v, str) and v.lower() in ("true", "false"):
         return v.lower() == "true"
-    raise ValueError(f"{name} must be true or false, got {v!r}")
+    raise InvalidRequest(name, f"must be true or false, got {v!r}")
 
 
 def default_threads() -> int:
@@ -108,7 +100,7 @@ class GenAIChat:
     """An ORT GenAI model folder behind a prompt-in, text-out interface."""
 
     def __init__(self, folder: str | Path, intra_op_num_threads: int = 0, max_batch_size: int = MAX_BATCH_SIZE):
-        import onnxruntime_genai as og
+        import onnxruntime_genai as og  # heavy: loaded with a model, never on the fast path
 
         self.og = og
         self.folder = Path(folder)
@@ -144,22 +136,20 @@ class GenAIChat:
 
     @property
     def batcher(self) -> BatchLoop:
-        """The model's one batching loop (phi3mlflow/engine.py), started on first use."""
+        """The model's one batching loop (phi3mlflow/batching.py), started on first use."""
         with self._batcher_lock:
             if self._batcher is None:
-                from phi3mlflow.engine import BatchLoop
-
                 self._batcher = BatchLoop(self.og, self.model, self.tokenizer, self.eos, self.pad_token_id,
                                           self.context_length, self.max_batch_size, self.kv_bytes_per_token,
                                           MAX_BATCH_KV_BYTES)  # fmt: skip
             return self._batcher
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation (checked by phi3mlflow.openai_chat) as ids, through the model's chat template."""
+        """A conversation (checked by phi3mlflow.serve.protocol) as ids, through the model's chat template."""
         try:
             text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - ORT GenAI raises plain RuntimeErrors
-            raise InvalidRequest(f"messages: the model's chat template refused them: {e}") from None
+            raise InvalidRequest("messages", f"the model's chat template refused them: {e}") from None
         return list(self.tokenizer.encode(text))
 
     def format_prompt(self, prompt: str) -> str:
@@ -171,13 +161,13 @@ class GenAIChat:
 
     def encode(self, prompt) -> list[int]:
         if not isinstance(prompt, str):
-            raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
+            raise InvalidRequest("prompt", f"must be a string, got {type(prompt).__name__}")
         if not prompt.strip():
-            raise InvalidRequest("prompt must not be empty")
+            raise InvalidRequest("prompt", "must not be empty")
         ids = self.tokenizer.encode(self.format_prompt(prompt))
         if len(ids) >= self.context_length:
             raise InvalidRequest(
-                f"prompt is {len(ids)} tokens long; the model's context is {self.context_length} tokens"
+                "prompt", f"is {len(ids)} tokens long; the model's context is {self.context_length} tokens"
             )
         return ids
 
@@ -191,17 +181,9 @@ class GenAIChat:
         return min(len(self.tokenizer.encode(text)) + 1, max_new_tokens)
 
     def _generator(self, ids, opts: SearchOptions):
-        og = self.og
-        params = og.GeneratorParams(self.model)
-        search: dict[str, int | float | bool] = {"max_length": min(self.context_length, len(ids) + opts.max_new_tokens)}
-        if opts.do_sample and opts.temperature > 0:
-            search.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p)
-        else:
-            search.update(do_sample=False)
-        params.set_search_options(**search)
-        generator = og.Generator(self.model, params)
-        generator.append_tokens(ids)
-        return generator
+        temperature = opts.temperature if opts.do_sample else 0.0
+        max_length = min(self.context_length, len(ids) + opts.max_new_tokens)
+        return start_generator(self.og, self.model, ids, max_length, temperature, opts.top_p)
 
     def generate_ids(self, ids, opts: SearchOptions) -> list[int]:
         generator = self._generator(ids, opts)
@@ -215,15 +197,13 @@ class GenAIChat:
         greedy answers equal the one-at-a-time ones. A single prompt goes through the plain loop."""
         if len(batch) == 1:
             return [self.tokenizer.decode(self.generate_ids(batch[0], opts))]
-        from phi3mlflow.engine import Turn
-
         sampled = opts.do_sample and opts.temperature > 0
-        turns = [
-            Turn([int(t) for t in ids], min(opts.max_new_tokens, self.context_length - len(ids)),
-                 opts.temperature if sampled else 0.0, opts.top_p)
+        requests = [
+            GenerationRequest([int(t) for t in ids], min(opts.max_new_tokens, self.context_length - len(ids)),
+                              opts.temperature if sampled else 0.0, opts.top_p)
             for ids in batch
         ]  # fmt: skip
-        return [text for text, _ in self.batcher.answer_all(turns)]
+        return [text for text, _ in self.batcher.complete_all(requests)]
 
     def generate(self, prompt: str, opts: SearchOptions) -> str:
         return self.tokenizer.decode(self.generate_ids(self.encode(prompt), opts))

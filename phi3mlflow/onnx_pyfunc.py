@@ -6,8 +6,8 @@ hands MLflow an ``OnnxChatModel`` through ``mlflow.models.set_model``.
 
 Two inputs, one per row:
 - an OpenAI chat request (``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``stop``,
-  ``n``=1; phi3mlflow.openai_chat checks it): one ``chat.completion`` object per row, the same as
-  the transformers chat model answers, generated through the model's batching loop (phi3mlflow/engine.py);
+  ``n``=1; phi3mlflow.serve.protocol checks it): one ``chat.completion`` object per row, the same as
+  the transformers chat model answers, generated through the model's batching loop (phi3mlflow/batching.py);
 - a ``prompt`` column with params ``max_new_tokens``, ``temperature``, ``top_p``, ``do_sample``:
   one string per prompt. Several prompts in one request decode together, as ORT GenAI generator
   batches of up to ``max_batch_size``; one prompt runs a plain ORT GenAI generator loop. A plain prompt gets
@@ -28,16 +28,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 
-from phi3mlflow import openai_chat
-from phi3mlflow.engine import Overloaded, Turn
-from phi3mlflow.genai import (
-    MAX_BATCH_SIZE,
-    MAX_PROMPTS_PER_REQUEST,
-    MAX_TOTAL_NEW_TOKENS,
-    GenAIChat,
-    InvalidRequest,
-    SearchOptions,
-)
+from phi3mlflow.batching import GenerationRequest
+from phi3mlflow.errors import InvalidRequest, Overloaded
+from phi3mlflow.genai import MAX_BATCH_SIZE, MAX_PROMPTS_PER_REQUEST, MAX_TOTAL_NEW_TOKENS, GenAIChat, SearchOptions
+from phi3mlflow.serve import protocol
 
 ARTIFACT_KEY = "onnx_model"
 MODEL_NAME = "onnx"  # the chat.completion's "model" unless the request names one (the server names its model)
@@ -106,7 +100,7 @@ class OnnxChatModel(PythonModel):
 
     # -- the OpenAI chat contract ---------------------------------------------------------------
 
-    def chat_turn(self, request: openai_chat.ChatRequest, params: dict | None = None) -> Turn:
+    def generation_request(self, request: protocol.ChatRequest, params: dict | None = None) -> GenerationRequest:
         """The batching loop's work for a checked chat request: the conversation through the chat template,
         the model's logged defaults where the request leaves a field out. Raises InvalidRequest."""
         # Through `mlflow models serve`, temperature and top_p arrive as params (the signature declares
@@ -117,8 +111,8 @@ class OnnxChatModel(PythonModel):
         temperature = given.temperature if request.temperature is None else request.temperature
         top_p = given.top_p if request.top_p is None else request.top_p
         ids = self.chat.encode_messages(request.messages)
-        openai_chat.check_length(len(ids), max_tokens, self.chat.context_length)
-        return Turn(ids, max_tokens, temperature, top_p, request.stop)
+        protocol.check_length(len(ids), max_tokens, self.chat.context_length)
+        return GenerationRequest(ids, max_tokens, temperature, top_p, request.stop)
 
     def _chat_rows(self, model_input) -> list[dict] | None:
         """The rows of a chat request (a dict, or the DataFrame MLflow's schema check makes of it), or
@@ -146,14 +140,14 @@ class OnnxChatModel(PythonModel):
         chat_rows = self._chat_rows(model_input)
         if chat_rows is not None:
             try:
-                requests = [openai_chat.parse(r, self.chat.context_length) for r in chat_rows]
-                turns = [self.chat_turn(r, params) for r in requests]
+                requests = [protocol.parse(r, self.chat.context_length) for r in chat_rows]
+                generations = [self.generation_request(r, params) for r in requests]
             except InvalidRequest as e:
                 raise _invalid(str(e)) from None
-            if len(turns) > self.max_prompts:
-                raise _invalid(f"max_prompts_per_request: {len(turns)} requests; this model takes {self.max_prompts}")
+            if len(generations) > self.max_prompts:
+                raise _invalid(f"max_prompts_per_request: {len(generations)} requests; at most {self.max_prompts}")
             with _generation_errors():
-                return self._answer_all(turns, [r.model or "" for r in requests])
+                return self._complete_all(generations, [r.model or "" for r in requests])
         opts = self._options(params)
         prompts = self._prompts(model_input)
         self._check_caps(prompts, opts)
@@ -166,12 +160,12 @@ class OnnxChatModel(PythonModel):
         with _generation_errors():
             return self.chat.generate_many(ids, opts)
 
-    def _answer_all(self, turns: list[Turn], models: list[str]) -> list[dict]:
+    def _complete_all(self, generations: list[GenerationRequest], models: list[str]) -> list[dict]:
         """One chat.completion per turn, through the batching loop (rows submitted together decode as
         one batch, with whatever else is in flight; one failing cancels the others)."""
-        answers = self.chat.batcher.answer_all(turns)
+        answers = self.chat.batcher.complete_all(generations)
         return [
-            openai_chat.completion(name or MODEL_NAME, text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
+            protocol.completion(name or MODEL_NAME, text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
             for (text, d), name in zip(answers, models, strict=True)
         ]
 

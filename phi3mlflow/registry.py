@@ -1,5 +1,5 @@
-"""Model Registry logic for the register step: name checks, idempotent registration and the
-alias gate."""
+"""Model Registry logic for the register step: name checks, idempotent registration and the alias
+gate, which acts on the evaluation's own verdict (phi3mlflow/summary.py) and nothing stored elsewhere."""
 
 from __future__ import annotations
 
@@ -10,17 +10,13 @@ from dataclasses import dataclass
 
 from phi3mlflow import tags
 from phi3mlflow.errors import InputError
-from phi3mlflow.metrics import METRICS, better
+from phi3mlflow.metrics import METRICS
 from phi3mlflow.summary import Summary
 
 EVAL_RUN_TAG = tags.SOURCE_EVAL_RUN
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
 # Unity Catalog: each of catalog.schema.model non-empty, without spaces, dots, slashes or control characters.
 _UC_PART = re.compile(r"^[^\s./\\:\x00-\x1f\x7f`]+$")
-# An equal score moves the alias only if the newcomer's time per question is this much lower: the same
-# model timed twice on a shared 2-core machine differs by up to ~24 % (the benchmark's A/A pairs),
-# and two evaluation runs are timed minutes apart.
-TIE_BREAK_MARGIN = 0.25
 
 
 def stored(value: float) -> float:
@@ -78,50 +74,33 @@ class Choice:
 
 
 def choose(summary: Summary) -> Choice:
-    """The candidate evaluate chose (the best by the selected metric that meets the goals), with the reason."""
+    """The candidate evaluate chose (the best challenger that meets the goals), with the reason."""
     winner = summary[summary.winner]
     if not winner.meets_goals:
-        return Choice(winner.key, False, "; ".join(c.missed for c in summary.candidates))
-    refused = [c.missed for c in summary.candidates if c.rank < winner.rank]
+        return Choice(winner.key, False, "; ".join(c.missed for c in summary.candidates if c.missed))
+    refused = [c.missed for c in summary.candidates if c.rank < winner.rank and c.missed]
     lead = f"{winner.key} is the best by {summary.metric} that meets the goals"
     return Choice(winner.key, True, lead + (f" ({'; '.join(refused)})" if refused else ""))
 
 
-def gate(
-    summary: Summary, choice: Choice, force: bool, current: dict | None, current_version: str | None = None
-) -> Decision:
-    """Whether the alias moves to the chosen candidate.
+def gate(summary: Summary, choice: Choice, force: bool, holder: str | None) -> Decision:
+    """Whether the alias moves to the chosen candidate, from the evaluation's own evidence.
 
-    ``current`` holds the tags of the version the alias points to now (None when unset). The alias
-    moves on a strict improvement of the selected metric, or on an equal score with a time per question
-    more than TIE_BREAK_MARGIN lower; never on a tie within noise.
-    """
-    best = summary.models[choice.key]
-    metric = summary.metric
+    ``holder`` is the version the alias points to now. The evaluation asked the holder of its time
+    (``summary.champion_version``) the same questions and decided (``summary.alias_should_move``);
+    if the alias has moved since, that evidence is about another version and nothing moves. No
+    metric stored by another run is read."""
     if force:
-        return Decision(True, "force=true")
+        return Decision(True, f"force=true (the evaluation's verdict: {summary.alias_reason or choice.reason})")
     if not choice.passes:
         return Decision(False, choice.reason)
-    if current is None:
-        return Decision(True, f"{choice.reason}; no version holds the alias")
-    holder = f"version {current_version}" if current_version else "the current version"
-    theirs = current.get(f"metric.{metric}")
-    if theirs is None:
-        return Decision(True, f"{holder} records no {metric}; the gated winner replaces it")
-    # Compared as the version tags store them (6 significant digits), so an equal score is a tie.
-    theirs, ours = float(theirs), stored(best[metric])
-    if better(metric, ours, theirs):
-        return Decision(True, f"{metric} {ours:.4g} beats {holder}'s {theirs:.4g}")
-    if better(metric, theirs, ours):
-        return Decision(False, f"{metric} {ours:.4g} is worse than {holder}'s {theirs:.4g}")
-    mine, their_time = stored(best.ms_per_question), current.get("metric.ms_per_question")
-    if their_time is not None and mine < float(their_time) * (1 - TIE_BREAK_MARGIN):
-        gain = (
-            f"{mine:.4g} ms per question beats {holder}'s {float(their_time):.4g} ms by more than "
-            f"{TIE_BREAK_MARGIN:.0%}"
-        )
-        return Decision(True, f"tie on {metric} ({theirs:.4g}); {gain}")
-    return Decision(False, f"tie on {metric} ({theirs:.4g}) with {holder}, no latency gain beyond noise: it stays")
+    asked = summary.champion_version
+    if holder != asked and not (holder is None and summary.champion_error):
+        then = f"version {asked}" if asked else "no version"
+        now = f"version {holder}" if holder else "no version"
+        return Decision(False, f"the evaluation challenged {then}, but the alias now points to {now}: evaluate "
+                               "again against it")  # fmt: skip
+    return Decision(summary.alias_should_move, summary.alias_reason)
 
 
 def version_tags(summary: Summary, key: str, eval_run_id: str, source_tags: dict, git_commit: str | None) -> dict:
@@ -206,23 +185,21 @@ def alias_tags(client, name: str, alias: str) -> tuple[str | None, dict | None]:
     return v.version, dict(v.tags)
 
 
-def settle_alias(client, name: str, alias: str, version: str, metric: str, mine: dict, rounds: int = 5) -> None:
-    """Point ``alias`` at ``version`` and keep it consistent with a concurrent registration.
+def settle_alias(client, name: str, alias: str, version: str, expected: str | None) -> str:
+    """Point ``alias`` at ``version`` unless a concurrent registration moved it first, and return
+    what holds it afterwards.
 
-    Two registrations racing each read the alias, then write it; the later write could hide a
-    better version. After writing, re-read: if another version now holds the alias and ours is
-    strictly better on ``metric``, take it back; otherwise leave theirs.
-    """
+    ``expected`` is the holder the decision was made against. Re-read just before writing: if
+    another registration moved the alias meanwhile, the decision is about a version that no longer
+    holds it, so ours is not written (that registration decided against the same champion from its
+    own evaluation). Two writers that both read ``expected`` race; the SQL store makes one of them
+    wait (set_alias), and the later write stands."""
+    holder, _ = alias_tags(client, name, alias)
+    if holder not in (expected, version):
+        return holder or ""
     set_alias(client, name, alias, version)
-    for _ in range(rounds):
-        time.sleep(0.5)
-        holder, holder_tags = alias_tags(client, name, alias)
-        if holder in (None, version):
-            return
-        theirs = (holder_tags or {}).get(f"metric.{metric}")
-        if theirs is None or not better(metric, float(mine[f"metric.{metric}"]), float(theirs)):
-            return
-        set_alias(client, name, alias, version)
+    holder, _ = alias_tags(client, name, alias)
+    return holder or ""
 
 
 def set_alias(client, name: str, alias: str, version: str, tries: int = 5) -> None:

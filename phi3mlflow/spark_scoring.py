@@ -18,7 +18,8 @@ import sys
 import time
 
 from phi3mlflow.errors import InputError
-from phi3mlflow.evaluation import Answer, ModelRef, OnnxCaller, chat_request
+from phi3mlflow.evaluation.callers import Answer, OnnxCaller, chat_request
+from phi3mlflow.evaluation.candidates import ModelRef
 
 
 def check_available() -> None:

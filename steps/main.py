@@ -13,11 +13,14 @@ an export or an evaluation already uses every core, so running two at once only 
   pipeline_wrapper(model, serve_max_new_tokens, temperature, trust_remote_code)
   onnx_wrapper(model, precision, onnx_model_dir, serve_max_new_tokens, temperature), once per precision
   evaluate(every model URI, dataset, max_new_tokens, temperature, select_metric, min_accuracy,
-           max_accuracy_drop, engine): the candidates ranked, the winner chosen
+           max_accuracy_drop, max_kld, fidelity, engine, registered_model_name, alias): the
+           candidates and the alias's current holder asked the same questions, ranked with
+           intervals, the winner chosen and the verdict against the champion made
   register(the evaluate run, registered_model_name, alias, force)
 A child is reused when a FINISHED run of it had the same parameters, the same code (content hash)
 and the same content in every file or folder its parameters name (dataset, model folder or GGUF
-file, ONNX folder), and its outputs still resolve. register changes the registry, so it always runs.
+file, ONNX folder), and its outputs still resolve; evaluate's key also holds the version the alias
+points to (a moved alias re-runs it). register changes the registry, so it always runs.
 Logged on the parent: every effective value as ``effective.<name>``, tags child.<step>.run_id and
 child.<step>.cache (run/reused; the ONNX children as onnx_wrapper.<precision>, or
 onnx_wrapper.prebuilt for an onnx_model_dir), registered_version,
@@ -33,7 +36,7 @@ from phi3mlflow.chain import OPTIONAL_KEYS, PROFILE_KEYS
 from phi3mlflow.cli import StepParser, fail, run_main, true_false
 
 OVERRIDES = ("model", "precisions", "onnx_model_dir", "serve_max_new_tokens", "max_new_tokens", "temperature", "engine",
-             "registered_model_name", "min_accuracy", "max_accuracy_drop", "use_cache")  # fmt: skip
+             "registered_model_name", "min_accuracy", "max_accuracy_drop", "max_kld", "use_cache")  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -75,7 +78,7 @@ def plan(args) -> dict:
     import mlflow
 
     from phi3mlflow.chain import load_profile
-    from phi3mlflow.evaluation import load_dataset
+    from phi3mlflow.evaluation.dataset import load_dataset
     from phi3mlflow.registry import check_names
     from steps import evaluate, onnx_wrapper, pipeline_wrapper, register
 
@@ -122,7 +125,9 @@ WIRING = {
     "evaluate": {"chat_model_uri": "@chat", "onnx_model_uris": "@onnx", "dataset": "dataset",
                  "question_column": "question_column", "answer_column": "answer_column",
                  "max_new_tokens": "max_new_tokens", "temperature": "temperature", "select_metric": "select_metric",
-                 "min_accuracy": "min_accuracy", "max_accuracy_drop": "max_accuracy_drop", "engine": "engine"},
+                 "min_accuracy": "min_accuracy", "max_accuracy_drop": "max_accuracy_drop", "max_kld": "max_kld",
+                 "fidelity": "fidelity", "engine": "engine", "registered_model_name": "registered_model_name",
+                 "alias": "alias"},
     "register": {"eval_run_id": "@eval", "registered_model_name": "registered_model_name", "alias": "alias",
                  "force": "force"},
 }  # fmt: skip
@@ -138,7 +143,7 @@ def step_default(key: str) -> str:
                 step = importlib.import_module(f"steps.{name}")
                 required = ["--eval_run_id", "x"] if name == "register" else []
                 value = getattr(step.parse_args(required), param)
-                return str(value).lower() if isinstance(value, bool) else str(value)
+                return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     raise KeyError(key)
 
 
@@ -179,7 +184,10 @@ def main(args) -> dict:
                 onnx.append(chain.run("onnx_wrapper", params, label=step))
             up["onnx"] = ",".join(client.get_run(r.run_id).data.tags[tags.MODEL_URI] for r in onnx)
             step = "evaluate"
-            evaluated = chain.run(step, step_params(step, values, up))
+            # The champion evaluate challenges is one of its inputs: a moved alias runs it again.
+            holder, _ = registry.alias_tags(client, values["registered_model_name"], values["alias"])
+            challenged = {"champion": f"{values['registered_model_name']}@{values['alias']}={holder or 'none'}"}
+            evaluated = chain.run(step, step_params(step, values, up), extra_inputs=challenged)
             up["eval"] = evaluated.run_id
             step = "register"
             # The registry is shared state: registering is never replayed from an earlier run.
@@ -195,7 +203,7 @@ def main(args) -> dict:
         # The candidates' metrics (<key>_<metric>); the bare names on the evaluate run are its
         # LoggedModel metrics, one value per candidate, which say nothing on the parent.
         mlflow.log_metrics({k: v for k, v in eval_run.data.metrics.items() if "_" in k and k.split("_", 1)[0] in
-                            ("chat", "onnx")})  # fmt: skip
+                            ("chat", "onnx", "champion", "winner")})  # fmt: skip
         told = (tags.REGISTERED_MODEL, tags.REGISTERED_VERSION, tags.WINNER, tags.ALIAS_MOVED, tags.ALIAS_REASON)
         outcome = {k: reg_run.data.tags.get(k, "") for k in told}
         # What the registry says now, not what the step believed: another job may have moved it since.

@@ -6,13 +6,14 @@ Inputs (flags, spelled like the MLproject parameters):
   --alias                  the alias to move (default champion)
   --force                  true/false: move the alias regardless of the goals and the current holder
 Outputs:
-  a model version of summary.json's winner - the best by the selected metric among the candidates
-  that meet evaluate's goals (min_accuracy, max_accuracy_drop), else the best (then the alias
-  stays) - with tags source_eval_run, candidate, wrapper, precision, source_model, git_commit,
-  metric.* and a description;
-  registered once per evaluation run. The alias moves to it only if it meets the goals and beats
-  the alias's current version on the selected metric (an equal score needs a time per question more
-  than 25 % lower).
+  a model version of summary.json's winner - the best challenger that meets evaluate's goals, else
+  the best (then the alias stays) - with tags source_eval_run, candidate, wrapper, precision,
+  source_model, git_commit, metric.* and a description; registered once per evaluation run, and
+  not at all when the winner is the alias's current version itself.
+  The alias moves as the evaluation decided from its own answers (summary.json's verdict): when the
+  winner is significantly better than the champion it asked, or tied with it and faster by more
+  than the tie margin in that run. If the alias has moved since the evaluation, nothing moves (the
+  evidence is about another version). No metric stored by another run is read.
 Logged: run tags registered_model, registered_version, winner, alias_moved (true/false),
 alias_reason, champion_version (the alias's holder when the step ended).
 This step has side effects on the registry: main never reuses an earlier run of it.
@@ -73,8 +74,11 @@ def main(args) -> dict:
     with mlflow.start_run():
         log_params_once(vars(args))
         existing = registry.find_version(client, name, args.eval_run_id, choice.key)
-        if existing is not None:
-            version, version_tags = existing.version, dict(existing.tags)
+        if summary.champion == choice.key and summary.champion_version:
+            version = summary.champion_version
+            print(f"register: {choice.key} is version {version} of {name} already (the alias's holder)", flush=True)
+        elif existing is not None:
+            version = existing.version
             print(f"register: evaluation {args.eval_run_id} is already version {version} of {name}", flush=True)
         else:
             version_tags = registry.version_tags(
@@ -91,14 +95,17 @@ def main(args) -> dict:
             )
             print(f"register: registered {winner.model_uri} as {name} version {version}", flush=True)
 
-        holder, holder_tags = registry.alias_tags(client, name, args.alias)
+        holder, _ = registry.alias_tags(client, name, args.alias)
         if holder == version:
             decision = registry.Decision(False, f"@{args.alias} already points to version {version}")
         else:
-            decision = registry.gate(summary, choice, args.force, holder_tags, holder)
+            decision = registry.gate(summary, choice, args.force, holder)
+        champion = holder or ""
         if decision.move:
-            registry.settle_alias(client, name, args.alias, version, summary.metric, version_tags)
-        champion, _ = registry.alias_tags(client, name, args.alias)
+            champion = registry.settle_alias(client, name, args.alias, version, holder)
+            if champion != version:
+                decision = registry.Decision(False, f"a concurrent registration moved @{args.alias} to version "
+                                                    f"{champion} first ({decision.reason})")  # fmt: skip
         outcome = f"moved to version {version}" if decision.move else f"not moved (holder: {holder or 'none'})"
         print(f"register: @{args.alias} {outcome}: {decision.reason}", flush=True)
         mlflow.set_tags(
@@ -107,8 +114,8 @@ def main(args) -> dict:
                 tags.REGISTERED_VERSION: version,
                 tags.WINNER: choice.key,
                 tags.ALIAS_MOVED: str(decision.move).lower(),
-                tags.ALIAS_REASON: decision.reason,
-                tags.CHAMPION_VERSION: champion or "",
+                tags.ALIAS_REASON: decision.reason[:5000],
+                tags.CHAMPION_VERSION: champion,
             }
         )
         report.name_and_note("register", f"{choice.key} is version {version} of {name}; @{args.alias} {outcome}: "

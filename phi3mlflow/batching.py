@@ -1,0 +1,420 @@
+"""The batching loop: concurrent generation on one ORT GenAI model, requests that arrive together
+decoded as one generator batch.
+
+One worker thread owns generation. Callers talk to it through a queue of commands (``Submit``,
+``Cancel``): ``submit`` hands it a ``GenerationRequest`` (token ids and search options) plus a sink
+(a callable the worker calls with each ``Delta`` and the final ``Done`` or ``Failed``); a caller
+that goes away calls ``cancel`` and gets one last ``Done("cancelled")``, then nothing. A sink that
+raises ends its own request only (as if cancelled); its batch-mates go on. ``events`` and
+``aevents`` are the one event pump, blocking and asyncio, that the pyfunc and the server read a
+request's events through. Stop strings are cut here, as the tokens arrive (``truncate_at_stop``,
+``held_back``).
+
+The worker takes what is waiting (after a first request, what else arrives within ``GATHER_S``) and
+decodes up to ``max_batch_size`` requests with the same sampling settings as one ORT GenAI generator
+batch: prompts right-padded with the model's pad token, as ``Tokenizer.encode_batch`` pads them, so
+each row's greedy tokens are the ones it gets alone (measured: 132 of 132 real questions). A
+request that arrives while a batch runs waits for it to finish; a batch ends when every row has
+(end token, its own ``max_tokens``, a stop string, or its caller gone). og.Engine is not used: on
+CPU its static scheduler batches a fixed 4 requests whatever ``max_batch_size`` says (0.18), and
+its continuous batching needs a paged-attention export the builder makes only for CUDA and WebGPU;
+bench/README.md has the measurements. More than ``max_waiting`` requests in the loop at once are
+refused with ``Overloaded`` (the server answers 503), so a flood queues no unbounded work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from phi3mlflow.errors import Overloaded
+
+MAX_WAITING = 64
+GATHER_S = 0.02
+
+__all__ = ["BatchLoop", "Cancel", "Delta", "Done", "Failed", "GenerationRequest", "Overloaded", "Submit"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What one request asks the batching loop for: prompt token ids and search options."""
+
+    ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str  # "stop" or "length" (OpenAI's), "cancelled" when the caller cancelled
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Delta | Done | Failed
+Sink = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class Submit:
+    """A command to the worker: decode ``request``, telling ``sink`` what happens."""
+
+    ticket: int
+    request: GenerationRequest
+    sink: Sink
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """A command to the worker: the caller of ``ticket`` went away."""
+
+    ticket: int
+
+
+Command = Submit | Cancel
+
+
+def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """``text`` cut before the stop string that ends first (OpenAI leaves it out), and whether one was
+    found. Ends first, not starts first: a stream stops at the first stop string it completes, so
+    with ``["blue", " blue,"]`` "The sky is blue, ..." ends "The sky is " whether streamed or not."""
+    found = [(i + len(s), i) for s in stop if (i := text.find(s)) >= 0]
+    return (text[: min(found)[1]], True) if found else (text, False)
+
+
+def held_back(text: str, stop: list[str]) -> int:
+    """How many characters at the end of ``text`` could still be the start of a stop string: a stream
+    holds them back until the next token says whether they are."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def start_generator(og, model, ids, max_length: int, temperature: float = 0.0, top_p: float = 1.0):
+    """The one ORT GenAI generator setup: ``ids`` (one prompt, or rows of one length, right-padded)
+    appended, greedy when ``temperature`` is 0, sampling with ``temperature`` and ``top_p`` otherwise."""
+    rows = np.asarray(ids, dtype=np.int32)
+    if rows.ndim == 1:
+        rows = rows[None, :]
+    search: dict[str, int | float | bool] = {"max_length": max_length, "batch_size": int(rows.shape[0])}
+    if temperature > 0:
+        search.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        search.update(do_sample=False)
+    params = og.GeneratorParams(model)
+    params.set_search_options(**search)
+    generator = og.Generator(model, params)
+    generator.append_tokens(rows)
+    return generator
+
+
+@dataclass
+class _Row:
+    """One request in the running batch."""
+
+    ticket: int
+    request: GenerationRequest
+    sink: Sink
+    decoder: object
+    text: str = ""
+    sent: int = 0
+    generated: int = 0
+    finished: bool = False
+
+
+class BatchLoop:
+    """The worker thread around one ORT GenAI model; a daemon, started with the object.
+
+    ``og`` is the onnxruntime_genai module (or a scripted stand-in with the same generator calls:
+    the fast tests drive the loop that way), ``model`` and ``tokenizer`` its model and tokenizer."""
+
+    def __init__(self, og, model, tokenizer, eos: set[int], pad: int, context_length: int, max_batch_size: int,
+                 kv_bytes_per_token: int = 0, max_batch_kv_bytes: int = 0, max_waiting: int = MAX_WAITING):  # fmt: skip
+        self.og, self.model, self.tokenizer, self.eos, self.pad = og, model, tokenizer, eos, pad
+        self.context_length, self.max_batch_size, self.max_waiting = context_length, max_batch_size, max_waiting
+        self.kv_bytes_per_token, self.max_batch_kv_bytes = kv_bytes_per_token, max_batch_kv_bytes
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._tickets = itertools.count()
+        self._count_lock = threading.Lock()
+        self._in_loop = 0
+        self._broken = ""
+        self._waiting: list[Submit] = []
+        self._rows: dict[int, _Row] = {}
+        # Batches decoded so far and the tickets of the last one: what the fast tests assert batching on.
+        self.batches = 0
+        self.last_batch: tuple[int, ...] = ()
+        self._thread = threading.Thread(target=self._main, name="og-batches", daemon=True)
+        self._thread.start()
+
+    # -- callers' side (any thread) --------------------------------------------------------------
+
+    @property
+    def in_loop(self) -> int:
+        """Requests submitted and not yet finished (waiting or decoding)."""
+        return self._in_loop
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> int:
+        """Queue ``request``; its events go to ``sink`` on the worker thread. Returns a ticket for cancel.
+        Raises Overloaded beyond ``max_waiting`` requests in the loop, RuntimeError once the worker died."""
+        with self._count_lock:
+            if self._broken:
+                raise RuntimeError(self._broken)
+            if self._in_loop >= self.max_waiting:
+                raise Overloaded(f"{self._in_loop} requests are in progress; try again shortly")
+            self._in_loop += 1
+        ticket = next(self._tickets)
+        self._inbox.put(Submit(ticket, request, sink))
+        return ticket
+
+    def cancel(self, ticket: int) -> None:
+        self._inbox.put(Cancel(ticket))
+
+    def complete_all(self, requests: list[GenerationRequest]) -> list[tuple[str, Done]]:
+        """Every request's whole answer and its Done, submitted together so that they decode as batches
+        (of up to max_batch_size, in the order given; the rest start as a batch finishes). Raises
+        RuntimeError when one fails, after the others are cancelled."""
+        results: list[list] = [[[], None] for _ in requests]
+        finished = threading.Semaphore(0)
+        failures: list[Failed] = []
+
+        def sink_for(i: int) -> Sink:
+            def sink(event: Event) -> None:
+                if isinstance(event, Delta):
+                    results[i][0].append(event.text)
+                else:
+                    results[i][1] = event
+                    if isinstance(event, Failed):
+                        failures.append(event)
+                    finished.release()
+
+            return sink
+
+        tickets = []
+        try:
+            for i, request in enumerate(requests):
+                tickets.append(self.submit(request, sink_for(i)))
+            for _ in tickets:
+                finished.acquire()
+                if failures:  # no one will read the other answers: stop generating them
+                    raise RuntimeError(failures[0].message)
+        except BaseException:
+            for ticket in tickets:
+                self.cancel(ticket)  # a finished one's cancel is ignored
+            raise
+        return [("".join(text), done) for text, done in results]
+
+    def events(self, request: GenerationRequest) -> Iterator[Event]:
+        """A blocking iterator of ``request``'s events, ending with Done or Failed; closing it early cancels."""
+        box: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        ticket = self.submit(request, box.put)
+        finished = False
+        try:
+            while not finished:
+                event = box.get()
+                finished = not isinstance(event, Delta)
+                yield event
+        finally:
+            if not finished:
+                self.cancel(ticket)
+
+    async def aevents(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """``events`` for asyncio: the events arrive through the running loop; closing it early (a client
+        gone, a task cancelled) cancels the generation."""
+        loop = asyncio.get_running_loop()
+        box: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(box.put_nowait, event)
+
+        ticket = self.submit(request, sink)
+        finished = False
+        try:
+            while not finished:
+                event = await box.get()
+                finished = not isinstance(event, Delta)
+                yield event
+        finally:
+            if not finished:
+                self.cancel(ticket)
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            while True:
+                if not self._waiting:
+                    self._take(self._gather())
+                self._take(self._drain())
+                batch = self._next_batch()
+                if batch:
+                    self._run(batch)
+        except BaseException as e:
+            # Never leave a caller waiting on a dead thread: fail what is in flight, what is still in
+            # the inbox, and (through _broken) every later submit.
+            with self._count_lock:
+                self._broken = f"the generation thread died: {e}"
+            sinks = [item.sink for item in self._waiting]
+            sinks += [row.sink for row in self._rows.values() if not row.finished]
+            sinks += [command.sink for command in self._drain() if isinstance(command, Submit)]
+            for sink in sinks:
+                _deliver(sink, Failed(self._broken))
+            raise
+
+    def _gather(self) -> list[Command]:
+        """The first command, and what else arrives within GATHER_S of it. A batch admits no request
+        once it runs, so clients that send together (within milliseconds) must start together;
+        waiting 20 ms for them costs a lone request about as much as four tokens."""
+        commands = [self._inbox.get()]
+        deadline = time.monotonic() + GATHER_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                commands.append(self._inbox.get(timeout=left))
+            except queue.Empty:
+                break
+        return commands
+
+    def _drain(self) -> list[Command]:
+        commands: list[Command] = []
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _take(self, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, Submit):
+                self._waiting.append(command)
+                continue
+            row = self._rows.get(command.ticket)
+            if row is not None and not row.finished:
+                self._end(row, Done("cancelled", len(row.request.ids), row.generated))
+                continue
+            for i, waiting in enumerate(self._waiting):
+                if waiting.ticket == command.ticket:
+                    del self._waiting[i]
+                    self._finish(waiting.sink, Done("cancelled", len(waiting.request.ids), 0))
+                    break
+
+    def _next_batch(self) -> list[Submit]:
+        """The first waiting request and, in order, those that share its sampling settings, while
+        every row's whole answer fits in the context after the batch's longest prompt (the rows share
+        one length) and the batch's KV cache (rows x that length) stays within max_batch_kv_bytes.
+        The first request always goes, alone if need be: it was checked against the context."""
+        if not self._waiting:
+            return []
+
+        def sampling(request: GenerationRequest) -> tuple:
+            return (request.temperature, request.top_p) if request.temperature > 0 else (0.0, 1.0)
+
+        key = sampling(self._waiting[0].request)
+        batch: list[Submit] = []
+        longest = most = 0
+        for item in self._waiting:
+            if len(batch) == self.max_batch_size:
+                break
+            request = item.request
+            length = max(longest, len(request.ids)) + max(most, request.max_tokens)
+            kv = (len(batch) + 1) * length * self.kv_bytes_per_token
+            fits = length <= self.context_length and (not self.max_batch_kv_bytes or kv <= self.max_batch_kv_bytes)
+            if sampling(request) == key and (fits or not batch):
+                batch.append(item)
+                longest, most = max(longest, len(request.ids)), max(most, request.max_tokens)
+        taken = {item.ticket for item in batch}
+        self._waiting = [item for item in self._waiting if item.ticket not in taken]
+        return batch
+
+    def _run(self, batch: list[Submit]) -> None:
+        longest = max(len(item.request.ids) for item in batch)
+        rows = [_Row(item.ticket, item.request, item.sink, self.tokenizer.create_stream()) for item in batch]
+        self._rows = {row.ticket: row for row in rows}
+        self.batches += 1
+        self.last_batch = tuple(row.ticket for row in rows)
+        try:
+            ids = np.full((len(rows), longest), self.pad, dtype=np.int32)
+            for i, row in enumerate(rows):
+                ids[i, : len(row.request.ids)] = row.request.ids
+            first = rows[0].request
+            max_length = min(self.context_length, longest + max(r.request.max_tokens for r in rows))
+            generator = start_generator(self.og, self.model, ids, max_length, first.temperature, first.top_p)
+            while not generator.is_done():
+                generator.generate_next_token()
+                for row, token in zip(rows, generator.get_next_tokens(), strict=True):
+                    if not row.finished:
+                        self._token(row, int(token))
+                self._take(self._drain())  # cancels end their rows now; new requests wait for the next batch
+                if all(row.finished for row in rows):
+                    break
+            for row in rows:
+                if not row.finished:
+                    self._end(row, Done("length", len(row.request.ids), row.generated))
+        except Exception as e:  # noqa: BLE001 - fail this batch, keep the thread serving
+            for row in rows:
+                if not row.finished:
+                    self._end(row, Failed(f"generation failed: {e}"))
+        # Not in a finally: if the thread itself dies, _main fails these rows' callers.
+        self._rows = {}
+
+    def _token(self, row: _Row, token: int) -> None:
+        row.generated += 1
+        if token in self.eos:
+            self._end(row, Done("stop", len(row.request.ids), row.generated))
+            return
+        row.text += row.decoder.decode(token)  # type: ignore[attr-defined]
+        stop = row.request.stop
+        if stop:
+            row.text, found = truncate_at_stop(row.text, stop)
+            if found:
+                # OpenAI leaves the stop string out and ends the answer there: stop generating.
+                self._end(row, Done("stop", len(row.request.ids), row.generated))
+                return
+            visible = len(row.text) - held_back(row.text, stop)
+        else:
+            visible = len(row.text)
+        if visible > row.sent:
+            if not _deliver(row.sink, Delta(row.text[row.sent : visible])):
+                self._end(row, Done("cancelled", len(row.request.ids), row.generated))
+                return
+            row.sent = visible
+        if row.generated >= row.request.max_tokens:
+            self._end(row, Done("length", len(row.request.ids), row.generated))
+
+    def _end(self, row: _Row, event: Event) -> None:
+        if isinstance(event, Done) and event.finish_reason != "cancelled" and row.sent < len(row.text):
+            _deliver(row.sink, Delta(row.text[row.sent :]))  # what a possible stop string held back
+            row.sent = len(row.text)
+        row.finished = True
+        self._finish(row.sink, event)
+
+    def _finish(self, sink: Sink, event: Event) -> None:
+        with self._count_lock:
+            self._in_loop -= 1
+        _deliver(sink, event)
+
+
+def _deliver(sink: Sink, event: Event) -> bool:
+    """Hand ``event`` to a caller's sink; False if the sink raised. A caller's failure (an event loop
+    closed under a server's request, say) must not reach the worker: it would end every batch-mate's
+    answer and the thread with them."""
+    try:
+        sink(event)
+        return True
+    except Exception:  # noqa: BLE001 - the caller's own problem; it gets no more events
+        return False

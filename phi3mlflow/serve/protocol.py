@@ -1,0 +1,141 @@
+"""The protocol: the one request and answer format of every model this project serves, OpenAI's
+chat completions.
+
+``parse`` checks a request (a JSON object) field by field and raises ``InvalidRequest`` carrying
+the field (``param``), before any model work; ``completion`` and ``chunk`` build the
+``chat.completion`` object and the ``chat.completion.chunk`` of a stream. Both wrappers (the
+transformers llm/v1/chat model and the ONNX pyfunc) and the OpenAI-compatible server use them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from phi3mlflow.errors import InvalidRequest
+
+ROLES = ("system", "user", "assistant")
+# Fields an OpenAI client may send that change nothing here (or that we check elsewhere): accepted
+# so that stock clients work; every other unknown field is refused rather than silently ignored.
+IGNORED = frozenset({"model", "user", "stream_options", "seed", "logprobs", "frequency_penalty", "presence_penalty"})
+MAX_STOP = 4  # OpenAI's own limit
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict[str, str]]
+    max_tokens: int | None = None  # None: the model's logged default
+    temperature: float | None = None  # None: the model's logged default; 0 is greedy
+    top_p: float | None = None  # None: the model's logged default (1.0)
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    model: str | None = None  # echoed in the answer; the server answers for one model whatever it says
+
+
+def _number(body: dict, name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def parse(body, context_length: int | None = None) -> ChatRequest:
+    """A checked request; ``InvalidRequest`` naming the first bad field otherwise."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(None, f"the request must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                                  "stop", "n", "stream"} - IGNORED)  # fmt: skip
+    if unknown:
+        raise InvalidRequest(unknown[0], "unsupported field")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages", "must be a non-empty list of {role, content} objects")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"messages[{i}]", "must be an object with role and content")
+        if m.get("role") not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise InvalidRequest(f"messages[{i}].content", f"must be a string, got {type(m.get('content')).__name__}")
+        checked.append({"role": m["role"], "content": m["content"]})
+    if checked[-1]["role"] == "assistant":
+        raise InvalidRequest("messages", "the last message must be from the user or the system")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise InvalidRequest("max_tokens", f"must be a positive integer, got {max_tokens!r}")
+        if context_length and max_tokens >= context_length:
+            raise InvalidRequest("max_tokens", f"{max_tokens} is beyond the model's context of {context_length} tokens")
+    temperature = _number(body, "temperature")
+    if temperature is not None and temperature < 0:
+        raise InvalidRequest("temperature", f"must be >= 0, got {temperature}")
+    top_p = _number(body, "top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p}")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and (
+        not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP} of them")
+    n = body.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise InvalidRequest("n", f"only n=1 is supported, got {n!r}")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream", f"must be true or false, got {stream!r}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("model", f"must be a string, got {type(model).__name__}")
+    return ChatRequest(checked, max_tokens, temperature, top_p, stop or [], stream, model)
+
+
+def check_length(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+    """The conversation and the answer must fit the model's context."""
+    if prompt_tokens >= context_length:
+        raise InvalidRequest("messages", f"are {prompt_tokens} tokens long; the model's context is {context_length}")
+    if prompt_tokens + max_tokens > context_length:
+        raise InvalidRequest(
+            "max_tokens",
+            f"{max_tokens} is beyond the model's context: {prompt_tokens} prompt tokens + {max_tokens} > "
+            f"{context_length}",
+        )
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def completion(model: str, content: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               id: str | None = None) -> dict:  # fmt: skip
+    return {
+        "id": id or new_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def chunk(id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
+          usage: dict | None = None) -> dict:  # fmt: skip
+    out = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        out["usage"] = usage
+    return out

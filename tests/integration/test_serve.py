@@ -1,0 +1,220 @@
+"""Serving: the OpenAI chat contract both wrappers answer, and the OpenAI-compatible server
+(phi3mlflow/serve.py) called with the official ``openai`` client on a free loopback port.
+
+The request checks are the fast layer; everything that starts a server is ``slow``: one server per
+wrapper for the module, on the session's logged models (int4_run, chat_run)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from phi3mlflow import openai_chat
+from phi3mlflow.genai import InvalidRequest
+from tests.support import openai_server, post, serving
+
+USER = [{"role": "user", "content": "What is the capital of Spain?"}]
+QUESTIONS = [
+    "What is the capital of Spain?", "What is the chemical symbol for gold?", "What is the capital of Peru?",
+    "What is the capital of Japan?", "What is the capital of Chile?", "What is the capital of Cuba?",
+    "What is the capital of France?", "What is the capital of Italy?",
+]  # fmt: skip
+
+# --- the contract (fast) -------------------------------------------------------------------------
+
+BAD = [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "Hi"}, "messages"),
+    ({"messages": [{"role": "bot", "content": "Hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ({"messages": USER, "max_tokens": -3}, "max_tokens"),
+    ({"messages": USER, "max_tokens": 100_000}, "max_tokens"),
+    ({"messages": USER, "temperature": -0.5}, "temperature"),
+    ({"messages": USER, "temperature": float("inf")}, "temperature"),
+    ({"messages": USER, "top_p": 0}, "top_p"),
+    ({"messages": USER, "n": 2}, "n"),
+    ({"messages": USER, "stop": [""]}, "stop"),
+    ({"messages": USER, "tools": []}, "tools"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD)
+def test_bad_requests_are_refused_naming_the_field(body, field):
+    with pytest.raises(InvalidRequest) as e:
+        openai_chat.parse(body, context_length=256)
+    assert str(e.value).startswith(field), str(e.value)
+
+
+def test_a_good_request_keeps_what_the_client_set_and_leaves_the_rest_to_the_model():
+    req = openai_chat.parse({"model": "any", "messages": USER, "stop": "\n", "max_tokens": 8, "stream": True})
+    assert (req.max_tokens, req.temperature, req.top_p, req.stop, req.stream) == (8, None, None, ["\n"], True)
+    with pytest.raises(InvalidRequest, match="^max_tokens 250 is beyond the model's context"):
+        openai_chat.check_length(10, 250, 256)
+
+
+def test_stop_strings_are_cut_and_their_possible_starts_held_back():
+    assert openai_chat.truncate_at_stop("Madrid. Next", [". N", "xx"]) == ("Madrid", True)
+    assert openai_chat.truncate_at_stop("Madrid", ["."]) == ("Madrid", False)
+    # The stop string that ends first wins, as it does in a stream, not the one that starts first.
+    assert openai_chat.truncate_at_stop("The sky is blue, a", [" blue,", "blue"]) == ("The sky is ", True)
+    assert openai_chat.held_back("Madrid.", [". N"]) == 1
+    assert openai_chat.held_back("Madrid. ", [". N"]) == 2
+    assert openai_chat.held_back("Madrid", [". N"]) == 0
+
+
+# --- the server (slow) ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def servers(int4_run, chat_run, tmp_path_factory):
+    """One server per wrapper for the module."""
+    logs = tmp_path_factory.mktemp("serve")
+    with (
+        openai_server(int4_run.run.data.tags["model_uri"], logs / "onnx.log") as onnx,
+        openai_server(chat_run.run.data.tags["model_uri"], logs / "chat.log") as chat,
+    ):
+        yield {"onnx": onnx, "chat": chat}
+
+
+def client(base: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def healthy(base: str) -> bool:
+    with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+        return r.status == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["onnx", "chat"])
+def test_completion_and_stream_parse_as_the_clients_types_and_agree(servers, wrapper):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    c = client(servers[wrapper])
+    out = c.chat.completions.create(model="champion", messages=USER, max_tokens=32, temperature=0)
+    assert isinstance(out, ChatCompletion) and out.object == "chat.completion" and out.id
+    assert out.choices[0].message.content == "The capital of Spain is Madrid."
+    assert out.choices[0].finish_reason == "stop" and out.model == "champion"
+    assert out.usage and out.usage.prompt_tokens > 0 and out.usage.completion_tokens > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    chunks = list(c.chat.completions.create(model="champion", messages=USER, max_tokens=32, stream=True))
+    assert all(isinstance(ch, ChatCompletionChunk) for ch in chunks)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    if wrapper == "onnx":
+        assert len(chunks) > 3  # a token stream, not one chunk
+    short = c.chat.completions.create(model="champion", messages=USER, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["onnx", "chat"])
+def test_multi_turn_with_a_system_message_goes_through_the_chat_template(servers, wrapper):
+    c = client(servers[wrapper])
+    single = c.chat.completions.create(model="m", messages=USER, max_tokens=8)
+    conversation = [
+        {"role": "system", "content": "You answer questions about capitals."},
+        *USER,
+        {"role": "assistant", "content": "The capital of Spain is Madrid."},
+        {"role": "user", "content": "What is the capital of Peru?"},
+    ]
+    out = c.chat.completions.create(model="m", messages=conversation, max_tokens=8)
+    assert isinstance(out.choices[0].message.content, str)
+    # Every turn reached the model: the prompt is the whole conversation, templated.
+    assert out.usage.prompt_tokens > 2 * single.usage.prompt_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["onnx", "chat"])
+def test_bad_requests_get_400_naming_the_field_and_the_server_keeps_serving(servers, wrapper):
+    import openai
+
+    c = client(servers[wrapper])
+    # JSON has no infinity: the client cannot send one.
+    for body, field in [(b, f) for b, f in BAD if b.get("temperature") != float("inf")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**{"model": "m", "messages": [], **body})
+        assert e.value.status_code == 400 and field.split("[")[0] in e.value.message, (body, e.value.message)
+    status, text = post(f"{servers[wrapper]}/v1/chat/completions", ["not", "an", "object"])
+    assert status == 400 and "JSON object" in text
+    assert healthy(servers[wrapper])
+    assert c.chat.completions.create(model="m", messages=USER, max_tokens=32).choices[0].message.content
+
+
+@pytest.mark.slow
+def test_eight_concurrent_clients_each_get_their_answer_alone(servers):
+    c = client(servers["onnx"])
+
+    def ask(i: int, stream: bool) -> str:
+        messages = [{"role": "user", "content": QUESTIONS[i]}]
+        if stream:
+            chunks = c.chat.completions.create(model="m", messages=messages, max_tokens=32, stream=True)
+            return "".join(ch.choices[0].delta.content or "" for ch in chunks)
+        return c.chat.completions.create(model="m", messages=messages, max_tokens=32).choices[0].message.content
+
+    alone = [ask(i, False) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(8), [i % 2 == 0 for i in range(8)]))
+    assert together == alone
+    assert healthy(servers["onnx"])
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_mid_stream_leaves_the_server_serving(servers):
+    body = json.dumps({"messages": USER, "max_tokens": 64, "stream": True}).encode()
+    req = urllib.request.Request(f"{servers['onnx']}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.readline().startswith(b"data: ")  # then the connection closes mid-stream
+    out = client(servers["onnx"]).chat.completions.create(model="m", messages=USER, max_tokens=32)
+    assert out.choices[0].message.content == "The capital of Spain is Madrid."
+
+
+@pytest.mark.slow
+def test_models_health_and_invocations_answer_on_the_same_server(servers, int4_run):
+    c = client(servers["onnx"])
+    [model] = c.models.list().data
+    assert model.id == int4_run.run.data.tags["model_uri"]
+    status, text = post(f"{servers['onnx']}/invocations", {"messages": USER, "max_tokens": 32})
+    assert status == 200, text
+    assert json.loads(text)[0]["choices"][0]["message"]["content"] == "The capital of Spain is Madrid."
+    status, text = post(f"{servers['onnx']}/invocations", {"inputs": {"prompt": ["What is the capital of Peru?"]}})
+    assert status == 200 and json.loads(text)["predictions"] == ["The capital of Peru is Lima."]
+    # MLflow's app answers only what the OpenAI routes do not: theirs keep their slash redirect and 405.
+    for method, path, expected in [("GET", "/v1/models/", 307), ("GET", "/v1/chat/completions", 405),
+                                   ("GET", "/ping", 200), ("GET", "/version", 200), ("GET", "/nope", 404)]:  # fmt: skip
+        request = urllib.request.Request(f"{servers['onnx']}{path}", method=method)
+        try:
+            with urllib.request.build_opener(_NoRedirect).open(request, timeout=30) as r:
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        assert status == expected, (method, path, status)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_takes_the_same_chat_request_and_checks_it(int4_run, tmp_path):
+    with serving(int4_run.run.data.tags["model_uri"], tmp_path / "serve.log") as base:
+        status, text = post(f"{base}/invocations", {"messages": USER, "max_tokens": 32})
+        assert status == 200, text
+        [answer] = json.loads(text)
+        assert answer["object"] == "chat.completion"
+        assert answer["choices"][0]["message"]["content"] == "The capital of Spain is Madrid."
+        for body, field in [({"messages": USER, "max_tokens": 0}, "max_tokens"),
+                            ({"messages": USER, "temperature": -1.0}, "temperature"),
+                            ({"messages": [{"role": "bot", "content": "Hi"}]}, "role")]:  # fmt: skip
+            status, text = post(f"{base}/invocations", body)
+            assert status == 400 and field in text, (body, text)
+        assert post(f"{base}/invocations", {"inputs": {"prompt": ["What is the capital of Peru?"]}})[0] == 200

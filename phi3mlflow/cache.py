@@ -6,8 +6,8 @@ files against it, so a build that was killed half-way or a file truncated later 
 than handed to transformers.
 
 Digests are sha256 of the bytes. Hashing a 500 MB model folder on every step would cost seconds,
-so each file's digest is remembered with its size, mtime and inode (``digests.json`` in the cache
-root) and recomputed only when one of those changes.
+so each file's digest is remembered with its size, mtime, inode and change time (``digests.json``
+in the cache root) and recomputed only when one of those changes.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 MARKER = ".phi3-complete.json"
@@ -59,17 +60,20 @@ def _save_stat_cache() -> None:
 
 
 def _stamp(st: os.stat_result) -> list:
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    # The change time too: an edit of the same size whose mtime was put back (touch -r) cannot put
+    # the ctime back.
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def file_digest(path: str | Path, save: bool = True) -> str:
-    """sha256 of a file's bytes, re-hashed only when its size, mtime or inode changed."""
+    """sha256 of a file's bytes, re-hashed only when its size, mtime, inode or change time changed."""
     path = Path(path).resolve()
     st = path.stat()
     cache = _load_stat_cache()
     hit = cache.get(str(path))
-    if hit and hit[:3] == _stamp(st):
-        return hit[3]
+    stamp = _stamp(st)
+    if hit and hit[: len(stamp)] == stamp and len(hit) == len(stamp) + 1:
+        return hit[-1]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -83,7 +87,6 @@ def file_digest(path: str | Path, save: bool = True) -> str:
 def versions(*packages: str) -> str:
     """``name==version;`` of each installed package (``name missing;`` if not), for cache keys:
     read from package metadata, so it costs no import of the package."""
-    from importlib.metadata import PackageNotFoundError, version
 
     out = []
     for name in packages:

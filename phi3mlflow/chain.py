@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from phi3mlflow import PROJECT_ROOT, tags
+from phi3mlflow import PROJECT_ROOT, sources, tags
+from phi3mlflow.cache import tree_digest, versions
 from phi3mlflow.errors import InputError
 from phi3mlflow.tracking import requirement_pins
 
@@ -74,7 +75,6 @@ def code_version(root: Path = PROJECT_ROOT) -> str:
     (``mlflow.source.git.commit``). The installed versions of the packages requirements.txt pins
     count too: under ``--env-manager local`` an upgrade changes what the steps produce.
     """
-    from phi3mlflow.cache import versions
 
     h = hashlib.sha256()
     files = sorted({f for g in CODE_GLOBS for f in root.glob(g) if f.is_file() and "__pycache__" not in f.parts})
@@ -92,8 +92,6 @@ def cache_key(entry_point: str, params: dict, code: str, inputs: dict | None = N
 
 def input_digest(param: str, value: str) -> str | None:
     """The content digest of what a path-valued parameter names (None for other parameters)."""
-    from phi3mlflow import sources
-    from phi3mlflow.cache import tree_digest
 
     if not value.strip() or param not in CONTENT_PARAMS:
         return None
@@ -122,7 +120,7 @@ class Chain:
     parameters, code and input contents are unchanged and whose outputs still exist."""
 
     def __init__(self, experiment_id: str, parent_run_id: str, use_cache: bool, env_manager: str = "local"):
-        import mlflow
+        import mlflow  # heavy: MLflow, off the fast path
 
         self.client = mlflow.MlflowClient()
         self.experiment_id = experiment_id
@@ -160,8 +158,8 @@ class Chain:
         ``label`` names the child on the parent (tags ``child.<label>.*``) when an entry point runs
         more than once in a chain (``onnx_wrapper.int4``); it defaults to ``name``. ``extra_inputs``
         are inputs that are no parameter (the champion's version) and key the cache all the same."""
-        import mlflow
-        from mlflow.exceptions import ExecutionException
+        import mlflow  # heavy: MLflow, off the fast path
+        from mlflow.exceptions import ExecutionException  # heavy: MLflow, off the fast path
 
         label = label or name
         params = {k: str(v) for k, v in params.items()}
@@ -223,7 +221,7 @@ _WEIGHTS = (".onnx", ".safetensors", ".bin", ".pt")
 
 def outputs_missing(client, name: str, run) -> str | None:
     """Why a finished run's outputs cannot be used any more, or None when they all resolve."""
-    import mlflow
+    import mlflow  # heavy: MLflow, off the fast path
 
     try:
         if name in ("pipeline_wrapper", "onnx_wrapper"):
@@ -244,7 +242,7 @@ def outputs_missing(client, name: str, run) -> str | None:
 
 
 def _list_files(artifact_uri: str, depth: int) -> list[str]:
-    import mlflow
+    import mlflow  # heavy: MLflow, off the fast path
 
     files = []
     for item in mlflow.artifacts.list_artifacts(artifact_uri=artifact_uri):

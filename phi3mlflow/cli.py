@@ -5,13 +5,14 @@ cancellation on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import signal
 import sys
 from typing import NoReturn
 
-from phi3mlflow import tags
+from phi3mlflow import sources, tags
 from phi3mlflow.errors import InputError
 
 ERROR_TAG = tags.ERROR
@@ -32,7 +33,7 @@ def _current_run_id() -> str | None:
     if _LAUNCH_RUN_ID:
         return _LAUNCH_RUN_ID
     if "mlflow" in sys.modules:
-        import mlflow
+        import mlflow  # heavy: MLflow, off the fast path
 
         # A step run directly (python -m steps.x) made its own run, which has ended by now.
         run = mlflow.active_run() or mlflow.last_active_run()
@@ -47,7 +48,7 @@ def record_failure(message: str, status: str | None = None, keep_existing: bool 
     if not run_id:
         return
     try:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # heavy: MLflow, off the fast path
 
         client = MlflowClient()
         if not (keep_existing and ERROR_TAG in client.get_run(run_id).data.tags):
@@ -77,8 +78,6 @@ def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        import ctypes
-
         parent = os.getppid()
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before the request took effect
@@ -192,7 +191,6 @@ def unit_interval(value: str) -> float:
 
 def model_source(value: str) -> str:
     """Validate ``--model`` cheaply (see phi3mlflow.sources); weights are not loaded here."""
-    from phi3mlflow import sources
 
     try:
         return sources.check(value)
@@ -202,6 +200,5 @@ def model_source(value: str) -> str:
 
 def resolve_model_dir(source: str) -> str:
     """The local folder ``from_pretrained`` takes for a checked ``--model``, built or converted on demand."""
-    from phi3mlflow import sources
 
     return str(sources.resolve(source))

@@ -167,7 +167,7 @@ class TransformersScorer:
     def answer(self, question: str, max_new_tokens: int = 48) -> str:
         """The reference's greedy answer (``model.generate``), special tokens dropped: what to score on."""
         # Function-level: keeps heavy libraries out of the fast path.
-        import torch
+        import torch  # heavy: torch, off the fast path
 
         prompt = self.prompt(question)
         with torch.no_grad():
@@ -182,7 +182,7 @@ class TransformersScorer:
     def logprobs(self, prompt: list[int], answer: list[int]) -> np.ndarray:
         """``[len(answer), vocab]`` float64 log-softmax predicting each answer token, one forward pass."""
         # Function-level: keeps heavy libraries out of the fast path.
-        import torch
+        import torch  # heavy: torch, off the fast path
 
         start = time.perf_counter()
         ids = torch.tensor([list(prompt) + list(answer[:-1])], dtype=torch.long)

@@ -164,7 +164,11 @@ def _fail(path: Path, problem: str):
 
 def inspect(path: str | Path) -> GGUFInfo:
     """Check a GGUF file without reading its weights; ``InputError("model", ...)`` says what is wrong."""
-    from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
+    from gguf.constants import (  # heavy: the gguf package, off the fast path
+        GGML_QUANT_SIZES,
+        GGUF_DEFAULT_ALIGNMENT,
+        GGUF_MAGIC,
+    )
 
     path = Path(path)
     if not path.exists():
@@ -285,9 +289,13 @@ def _end_of_turn_id(tokenizer) -> int | None:
 
 def convert(path: Path, out: Path) -> None:
     """Dequantise a GGUF file into a plain fp32 Hugging Face folder at ``out`` (safetensors)."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    import torch  # heavy: torch, off the fast path
+    import transformers  # heavy: transformers, off the fast path
+    from transformers import (  # heavy: transformers, off the fast path
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
 
     path = Path(path).resolve()
     out = Path(out)

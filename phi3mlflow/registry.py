@@ -145,11 +145,11 @@ def describe(summary: Summary, key: str, version_tags: dict, eval_run_id: str, n
 
 def source_run_tags(client, model_uri: str) -> dict:
     """Tags of the run that logged ``model_uri`` (``models:/m-...`` or ``runs:/<id>/...``)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow, off the fast path
 
     try:
         if model_uri.startswith("models:/m-"):
-            import mlflow
+            import mlflow  # heavy: MLflow, off the fast path
 
             run_id = mlflow.get_logged_model(model_uri.split("/")[1]).source_run_id
         elif model_uri.startswith("runs:/"):
@@ -163,7 +163,7 @@ def source_run_tags(client, model_uri: str) -> dict:
 
 def find_version(client, name: str, eval_run_id: str, candidate: str | None = None):
     """The version already registered from this evaluation run for ``candidate``, if any (the newest)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow, off the fast path
 
     literal = quoted(name)
     by_tag = f"tag.{EVAL_RUN_TAG} = {quoted(eval_run_id)}"
@@ -176,7 +176,7 @@ def find_version(client, name: str, eval_run_id: str, candidate: str | None = No
 
 
 def alias_tags(client, name: str, alias: str) -> tuple[str | None, dict | None]:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow, off the fast path
 
     try:
         v = client.get_model_version_by_alias(name, alias)
@@ -207,7 +207,7 @@ def set_alias(client, name: str, alias: str, version: str, tries: int = 5) -> No
     The SQL store writes an alias as select-then-insert, so of two registrations writing a new alias
     at once one hits the unique key and gets a 400 (BAD_REQUEST; a locked SQLite database is
     TEMPORARILY_UNAVAILABLE). Any other error, or the same one ``tries`` times, is raised."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow, off the fast path
 
     for attempt in range(tries):
         try:

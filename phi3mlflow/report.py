@@ -16,7 +16,7 @@ RUN_NAME = "mlflow.runName"
 
 def name_and_note(name: str, note: str) -> None:
     """Name the active run and describe it in a sentence."""
-    import mlflow
+    import mlflow  # heavy: MLflow, off the fast path
 
     mlflow.set_tags({RUN_NAME: name, NOTE: note})
 

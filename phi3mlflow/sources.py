@@ -14,10 +14,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from phi3mlflow import gguf
+from phi3mlflow.cache import file_digest, tree_digest
 from phi3mlflow.errors import InputError
 from phi3mlflow.gguf import BUILTIN_SMOLLM2
 from phi3mlflow.gguf import PREFIX as GGUF_PREFIX
 from phi3mlflow.tiny import BUILTIN_MODEL as BUILTIN_TINY
+from phi3mlflow.tiny import builtin_model_dir, cache_key
 
 # A hub id: "name" or "org/name", no leading dot or slash.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -32,8 +35,6 @@ def check(value: str) -> str:
     if value == BUILTIN_TINY:
         return value
     if value == BUILTIN_SMOLLM2 or value.startswith(GGUF_PREFIX):
-        from phi3mlflow import gguf
-
         path = _gguf_file(value)
         gguf.inspect(path)
         return value if value == BUILTIN_SMOLLM2 else f"{GGUF_PREFIX}{path}"
@@ -57,12 +58,8 @@ def check(value: str) -> str:
 def resolve(value: str) -> Path:
     """The local Hugging Face folder for a checked ``model``, built, converted or downloaded on demand."""
     if value == BUILTIN_TINY:
-        from phi3mlflow.tiny import builtin_model_dir
-
         return builtin_model_dir()
     if value == BUILTIN_SMOLLM2 or value.startswith(GGUF_PREFIX):
-        from phi3mlflow import gguf
-
         return gguf.resolve(value)
     path = Path(value).expanduser()
     if path.is_dir():
@@ -72,7 +69,7 @@ def resolve(value: str) -> Path:
 
 def _hub_snapshot(repo_id: str) -> Path:
     """A hub model in the Hugging Face cache (honours HF_HOME and HF_HUB_OFFLINE)."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # heavy: the hub client, off the fast path
 
     try:
         return Path(snapshot_download(repo_id))
@@ -86,11 +83,8 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 def content_digest(value: str) -> str:
     """What the model's bytes are, for the step cache: a change of weights means a new key."""
-    from phi3mlflow.cache import file_digest, tree_digest
 
     if value == BUILTIN_TINY:
-        from phi3mlflow.tiny import cache_key
-
         return f"tiny:{cache_key()}"
     if value == BUILTIN_SMOLLM2 or value.startswith(GGUF_PREFIX):
         return f"gguf:{file_digest(_gguf_file(value))}"
@@ -104,7 +98,6 @@ def content_digest(value: str) -> str:
 
 
 def _gguf_file(value: str) -> Path:
-    from phi3mlflow import gguf
 
     path = gguf.gguf_path(value)
     assert path is not None, value  # only called for the GGUF forms

@@ -37,7 +37,7 @@ def session():
     """The active session (Databricks, spark-submit) or a local one; master from PYSPARK_SUBMIT_ARGS."""
     # Workers must run this interpreter: it has the model's libraries and this package.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    from pyspark.sql import SparkSession
+    from pyspark.sql import SparkSession  # heavy: Spark, off the fast path
 
     return (
         SparkSession.builder.appName("phi3-evaluate")
@@ -48,7 +48,7 @@ def session():
 
 
 def _frame(spark, questions: list[str]):
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, off the fast path
 
     df = spark.createDataFrame(pd.DataFrame({"idx": range(len(questions)), "question": questions}))
     return df.repartition(min(len(questions), spark.sparkContext.defaultParallelism))
@@ -56,8 +56,8 @@ def _frame(spark, questions: list[str]):
 
 def _chat_partitions(uri: str, max_new_tokens: int, temperature: float):
     def score(batches):
-        import mlflow
-        import pandas as pd
+        import mlflow  # heavy: MLflow, off the fast path  # heavy: MLflow, off the fast path
+        import pandas as pd  # heavy: pandas, off the fast path  # heavy: pandas, off the fast path
 
         model = mlflow.pyfunc.load_model(uri)
         for batch in batches:
@@ -73,7 +73,7 @@ def _chat_partitions(uri: str, max_new_tokens: int, temperature: float):
 
 def score(spark, ref: ModelRef, questions: list[str], max_new_tokens: int, temperature: float) -> list[Answer]:
     """Answer every question with the model ``ref`` names on ``spark``; answers in question order."""
-    import mlflow
+    import mlflow  # heavy: MLflow, off the fast path
 
     uri = ref.uri
     df = _frame(spark, questions)
@@ -85,7 +85,7 @@ def score(spark, ref: ModelRef, questions: list[str], max_new_tokens: int, tempe
         udf = mlflow.pyfunc.spark_udf(
             spark, uri, result_type="string", env_manager="local", params=params, model_config=caps
         )
-        from pyspark.sql.functions import struct
+        from pyspark.sql.functions import struct  # heavy: Spark, off the fast path
 
         df = df.withColumnRenamed("question", "prompt")
         # As a struct: the UDF then hands the model a frame of just its named columns. Unnamed, the

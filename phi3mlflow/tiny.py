@@ -75,7 +75,7 @@ def builtin_model_dir() -> Path:
 
 def train_tokenizer(texts: list[str], vocab_size: int = HPARAMS["vocab_size"]):
     """A GPT-2-style byte-level BPE with the Phi-3 chat tokens, which both runtimes encode alike."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # heavy: tokenizers, off the fast path
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -135,7 +135,7 @@ def render_prompt(question: str) -> str:
 def phi3_config(shape: dict, vocab_size: int, ids: dict):
     """A Phi-3 config of ``shape`` (hidden/intermediate size, layers, heads, context) whose special
     tokens are the tokenizer's ``ids``; shared by the built-in model and the bench model."""
-    from transformers import Phi3Config
+    from transformers import Phi3Config  # heavy: transformers, off the fast path
 
     return Phi3Config(
         vocab_size=vocab_size,
@@ -156,7 +156,7 @@ def phi3_config(shape: dict, vocab_size: int, ids: dict):
 
 def greedy_generation_config(ids: dict):
     """Greedy decoding that stops at the end of the assistant's turn or of the text."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # heavy: transformers, off the fast path
 
     return GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
@@ -173,8 +173,8 @@ def build(out: Path) -> Path:
 
 
 def _build(out: Path) -> Path:
-    import torch
-    from transformers import Phi3ForCausalLM
+    import torch  # heavy: torch, off the fast path
+    from transformers import Phi3ForCausalLM  # heavy: transformers, off the fast path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def _build(out: Path) -> Path:
 
 def _batch(tok, prompts, answers, pad_id):
     """Right-padded full batch; labels mask the prompt so loss falls on answer tokens only."""
-    import torch
+    import torch  # heavy: torch, off the fast path
 
     seqs, labels = [], []
     for p, a in zip(prompts, answers, strict=True):

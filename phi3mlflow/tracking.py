@@ -33,7 +33,7 @@ def log_params_once(params: dict) -> None:
     Under ``mlflow run`` the run already carries the entry point's parameters as given; a step run
     directly (``python -m steps.x``) logs its own, so every value ends up on the run either way.
     """
-    import mlflow
+    import mlflow  # heavy: MLflow, off the fast path
 
     run = mlflow.active_run()
     assert run is not None, "log_params_once needs an active run"

@@ -11,14 +11,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3mlflow import report, tags
+from phi3mlflow import report, spark_scoring, tags
 from phi3mlflow.evaluation import answering, callers, candidates
 from phi3mlflow.evaluation.dataset import load_dataset
 from phi3mlflow.evaluation.plot import plot
 from phi3mlflow.evaluation.stats import Paired
 from phi3mlflow.metrics import METRICS, aggregate, normalize, score_rows
 from phi3mlflow.progress import Progress
+from phi3mlflow.registry import check_names
 from phi3mlflow.summary import PAIRED_METRICS, Candidate, Goals, Summary, build
+from phi3mlflow.tracking import log_params_once
 
 LATENCY_NOTE = (
     "latency_p50_ms and latency_p95_ms are per question; questions asked in one request (an ONNX "
@@ -85,9 +87,6 @@ def _evaluate(s: Settings, params: dict, stack: contextlib.ExitStack) -> Summary
     import mlflow  # heavy: MLflow
     from mlflow.data.pandas_dataset import from_pandas  # heavy: as above
 
-    from phi3mlflow.registry import check_names
-    from phi3mlflow.tracking import log_params_once
-
     if s.registered_model_name.strip():
         check_names(s.registered_model_name, s.alias or "champion", mlflow.get_registry_uri())
     data = load_dataset(s.dataset, s.question_column, s.answer_column)
@@ -108,8 +107,6 @@ def _evaluate(s: Settings, params: dict, stack: contextlib.ExitStack) -> Summary
     downloads = stack.enter_context(tempfile.TemporaryDirectory(prefix="phi3-evaluate-"))
     models: dict[str, callers.Caller] = {}
     if s.engine == "spark":
-        from phi3mlflow import spark_scoring
-
         spark_scoring.check_available()
     else:
         # Load every model and check every question against every context before answering any.

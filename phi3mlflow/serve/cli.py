@@ -9,6 +9,8 @@ import sys
 
 from phi3mlflow.cli import StepParser, positive_int, true_false
 from phi3mlflow.errors import InputError
+from phi3mlflow.serve.backends import backend_for
+from phi3mlflow.serve.tracing import RequestTrace, link_to_model, traced
 
 DEFAULT_MODEL_URI = "models:/phi3-chat@champion"
 # On SIGTERM, how long requests in progress may go on before they are cancelled: a stream may
@@ -42,8 +44,6 @@ def build_app(pyfunc_model, model_name: str, trace: bool = False):
     from mlflow.pyfunc import scoring_server  # heavy: MLflow, imported with the model
 
     from phi3mlflow.serve.app import create_app  # heavy: FastAPI
-    from phi3mlflow.serve.backends import backend_for
-    from phi3mlflow.serve.tracing import RequestTrace, link_to_model, traced
 
     backend = backend_for(pyfunc_model)
     wrap = None

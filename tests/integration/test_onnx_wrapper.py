@@ -86,25 +86,28 @@ def test_a_caller_whose_sink_raises_ends_only_its_own_answer(int4_model):
     thread: its batch-mate still gets the answer it gets alone, and the loop keeps serving."""
     import queue
 
-    from phi3mlflow.engine import Delta, Done, Turn
+    from phi3mlflow.batching import Delta, Done, GenerationRequest
 
     model = int4_model.unwrap_python_model()
     batcher = model.chat.batcher
-    turn = {q: Turn(model.chat.encode_messages([{"role": "user", "content": q}]), 16)
+    turn = {q: GenerationRequest(model.chat.encode_messages([{"role": "user", "content": q}]), 16)
             for q in ("What is the capital of Spain?", "What is the capital of Italy?")}  # fmt: skip
-    [(alone, _)] = batcher.answer_all([turn["What is the capital of Italy?"]])
+    [(alone, _)] = batcher.complete_all([turn["What is the capital of Italy?"]])
 
     def broken(event):
         raise RuntimeError("Event loop is closed")
 
     good: queue.SimpleQueue = queue.SimpleQueue()
-    batcher.submit(turn["What is the capital of Spain?"], broken)  # the two decode as one batch
-    batcher.submit(turn["What is the capital of Italy?"], good.put)
+    before = batcher.batches
+    first = batcher.submit(turn["What is the capital of Spain?"], broken)
+    second = batcher.submit(turn["What is the capital of Italy?"], good.put)
     events = [good.get(timeout=60)]
     while isinstance(events[-1], Delta):
         events.append(good.get(timeout=60))
     assert isinstance(events[-1], Done) and "".join(e.text for e in events[:-1]) == alone
-    assert batcher.answer_all([turn["What is the capital of Italy?"]])[0][0] == alone
+    # They really shared a batch: one batch ran for both.
+    assert batcher.batches == before + 1 and set(batcher.last_batch) == {first, second}
+    assert batcher.complete_all([turn["What is the capital of Italy?"]])[0][0] == alone
 
 
 def test_a_busy_model_is_a_503_not_a_bad_request(int4_run):

@@ -1,0 +1,228 @@
+"""The batching loop's worker (phi3mlflow/batching.py) driven by a scripted stand-in for the ORT
+GenAI generator: stop strings split across tokens, max_tokens, cancel mid-batch, a raising sink, and
+the worker thread dying with every waiter told. No model."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from phi3mlflow.batching import BatchLoop, Delta, Done, Failed, GenerationRequest
+from phi3mlflow.errors import Overloaded
+
+# The test of a dying worker kills its thread on purpose; pytest reports that whenever it notices.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+EOS = 0
+# Token id -> text. A row's answer is the script of its prompt's first token.
+VOCAB = {1: "Mad", 2: "rid", 3: ".", 4: " N", 5: "ext", 6: " x", 7: "Ro", 8: "me"}
+SCRIPTS = {10: [1, 2, 3, 4, 5, EOS], 11: [7, 8, 3, EOS], 12: [6] * 50, 13: [7, 8, EOS]}
+
+
+class Died(BaseException):
+    """What kills the worker thread (an Exception would only fail the batch)."""
+
+
+class ScriptedOg:
+    """The calls the loop makes on onnxruntime_genai, answering each row from SCRIPTS. ``gate``, when
+    set, is waited on before every step; ``die_at`` raises Died at that step."""
+
+    def __init__(self):
+        self.gate: threading.Event | None = None
+        self.die_at: int | None = None
+        self.step_s = 0.0
+        self.searches: list[dict] = []
+        og = self
+
+        class GeneratorParams:
+            def __init__(self, model):
+                self.search: dict = {}
+
+            def set_search_options(self, **search):
+                self.search = search
+                og.searches.append(search)
+
+        class Generator:
+            def __init__(self, model, params):
+                self.params, self.step, self.rows = params, 0, None
+
+            def append_tokens(self, ids):
+                self.rows = [SCRIPTS[int(row[0])] for row in np.asarray(ids)]
+                self.prompt = np.asarray(ids).shape[1]
+
+            def is_done(self):
+                return self.prompt + self.step >= self.params.search["max_length"]
+
+            def generate_next_token(self):
+                if og.gate is not None:
+                    assert og.gate.wait(10)
+                if og.step_s:
+                    threading.Event().wait(og.step_s)
+                if og.die_at is not None and self.step == og.die_at:
+                    raise Died("scripted death")
+                self.step += 1
+
+            def get_next_tokens(self):
+                return [row[min(self.step - 1, len(row) - 1)] for row in self.rows]
+
+        self.GeneratorParams, self.Generator = GeneratorParams, Generator
+
+
+class Stream:
+    def decode(self, token: int) -> str:
+        return VOCAB[token]
+
+
+class Tokenizer:
+    def create_stream(self):
+        return Stream()
+
+
+def make(og: ScriptedOg | None = None, **kw) -> tuple[BatchLoop, ScriptedOg]:
+    og = og or ScriptedOg()
+    return BatchLoop(og, object(), Tokenizer(), {EOS}, 99, 256, 4, **kw), og
+
+
+def request(first: int, max_tokens: int = 20, stop: list[str] | None = None, temperature: float = 0.0):
+    return GenerationRequest([first, 50, 51], max_tokens, temperature, 1.0, stop or [])
+
+
+def collect(box: queue.SimpleQueue) -> list:
+    events = [box.get(timeout=10)]
+    while isinstance(events[-1], Delta):
+        events.append(box.get(timeout=10))
+    return events
+
+
+def text(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, Delta))
+
+
+def test_answers_end_on_the_end_token_with_their_usage():
+    loop, _ = make()
+    [(answer, done)] = loop.complete_all([request(11)])
+    assert answer == "Rome." and done == Done("stop", 3, 4)  # the end token counts, as GenAIChat counts it
+
+
+def test_a_stop_string_split_across_tokens_is_cut_and_never_leaks():
+    loop, _ = make()
+    box: queue.SimpleQueue = queue.SimpleQueue()
+    loop.submit(request(10, stop=[". N"]), box.put)
+    events = collect(box)
+    # "." could start ". N": held back, then " N" completes it; nothing of it ever reaches the caller.
+    assert text(events) == "Madrid" and all(". N" not in e.text and "." not in e.text for e in events[:-1])
+    assert events[-1] == Done("stop", 3, 4)
+
+
+def test_held_back_text_is_flushed_when_the_answer_ends_without_the_stop_string():
+    loop, _ = make()
+    [(answer, done)] = loop.complete_all([request(11, stop=[". N"])])
+    assert answer == "Rome." and done.finish_reason == "stop"
+
+
+def test_max_tokens_ends_a_row_with_length():
+    loop, _ = make()
+    [(answer, done)] = loop.complete_all([request(12, max_tokens=5)])
+    assert answer == " x" * 5 and done == Done("length", 3, 5)
+
+
+def test_requests_sent_together_share_one_batch_and_keep_their_own_answers():
+    loop, og = make()
+    answers = loop.complete_all([request(10), request(11), request(13, max_tokens=2)])
+    assert [a for a, _ in answers] == ["Madrid. Next", "Rome.", "Rome"]
+    assert [d.finish_reason for _, d in answers] == ["stop", "stop", "length"]
+    assert loop.batches == 1 and len(loop.last_batch) == 3 and og.searches[-1]["batch_size"] == 3
+    assert loop.in_loop == 0
+
+
+def test_greedy_and_sampled_requests_never_share_a_batch():
+    loop, og = make()
+    loop.complete_all([request(11), request(13, temperature=0.7)])
+    assert loop.batches == 2 and {s["do_sample"] for s in og.searches} == {False, True}
+
+
+def test_a_request_cancelled_mid_batch_gets_one_cancelled_and_its_mate_goes_on():
+    og = ScriptedOg()
+    og.gate, og.step_s = threading.Event(), 0.01
+    loop, _ = make(og)
+    long_box, short_box = queue.SimpleQueue(), queue.SimpleQueue()
+    doomed = loop.submit(request(12, max_tokens=40), long_box.put)
+    loop.submit(request(10), short_box.put)
+    og.gate.set()
+    assert isinstance(long_box.get(timeout=10), Delta)  # it is decoding
+    loop.cancel(doomed)
+    events = collect(long_box)
+    assert events[-1].finish_reason == "cancelled" and 0 < events[-1].completion_tokens < 40
+    assert text(collect(short_box)) == "Madrid. Next"
+    with pytest.raises(queue.Empty):
+        long_box.get(timeout=0.2)  # nothing after the cancelled Done
+    assert loop.in_loop == 0
+
+
+def test_a_sink_that_raises_ends_only_its_own_answer():
+    loop, _ = make()
+
+    def broken(event):
+        raise RuntimeError("Event loop is closed")
+
+    good: queue.SimpleQueue = queue.SimpleQueue()
+    loop.submit(request(12, max_tokens=10), broken)
+    loop.submit(request(11), good.put)
+    assert text(collect(good)) == "Rome."
+    assert loop.complete_all([request(13)])[0][0] == "Rome" and loop.in_loop == 0
+
+
+def test_a_dying_worker_tells_every_waiter_and_refuses_later_requests():
+    og = ScriptedOg()
+    og.gate, og.die_at = threading.Event(), 2
+    loop, _ = make(og)
+    running, queued = queue.SimpleQueue(), queue.SimpleQueue()
+    loop.submit(request(12, max_tokens=40), running.put)
+    loop.submit(request(11, temperature=0.5), queued.put)  # waits for its own batch
+    og.gate.set()
+    assert isinstance(collect(running)[-1], Failed)
+    failed = collect(queued)[-1]
+    assert isinstance(failed, Failed) and "the generation thread died" in failed.message
+    with pytest.raises(RuntimeError, match="the generation thread died"):
+        loop.submit(request(11), lambda e: None)
+
+
+def test_beyond_max_waiting_a_request_is_overloaded():
+    og = ScriptedOg()
+    og.gate = threading.Event()
+    loop, _ = make(og, max_waiting=2)
+    loop.submit(request(12, max_tokens=5), lambda e: None)
+    loop.submit(request(12, max_tokens=5), lambda e: None)
+    with pytest.raises(Overloaded):
+        loop.submit(request(11), lambda e: None)
+    og.gate.set()
+
+
+def test_the_async_pump_yields_the_same_events_and_cancels_when_closed():
+    import asyncio
+
+    loop, og = make()
+
+    async def whole():
+        return [e async for e in loop.aevents(request(10))]
+
+    events = asyncio.run(whole())
+    assert text(events) == "Madrid. Next" and events[-1].finish_reason == "stop"
+    og.gate = threading.Event()
+
+    async def leave_early():
+        events = loop.aevents(request(12, max_tokens=40))
+        og.gate.set()
+        first = await anext(events)
+        await events.aclose()  # the client went away
+        return first
+
+    assert isinstance(asyncio.run(leave_early()), Delta)
+    for _ in range(100):
+        if loop.in_loop == 0:
+            break
+        threading.Event().wait(0.02)
+    assert loop.in_loop == 0  # the cancel reached the worker
+    assert [e for e in loop.events(request(13))][-1].finish_reason == "stop"

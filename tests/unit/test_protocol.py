@@ -1,0 +1,64 @@
+"""The OpenAI chat contract both wrappers answer (phi3mlflow/serve/protocol.py): every bad request is
+refused naming its field in ``param``, before any model work; and the stop-string rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from phi3mlflow.batching import held_back, truncate_at_stop
+from phi3mlflow.errors import InvalidRequest
+from phi3mlflow.serve import protocol
+
+USER = [{"role": "user", "content": "What is the capital of Spain?"}]
+BAD = [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "Hi"}, "messages"),
+    ({"messages": [{"role": "bot", "content": "Hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ({"messages": USER, "max_tokens": -3}, "max_tokens"),
+    ({"messages": USER, "max_tokens": 100_000}, "max_tokens"),
+    ({"messages": USER, "temperature": -0.5}, "temperature"),
+    ({"messages": USER, "temperature": float("inf")}, "temperature"),
+    ({"messages": USER, "top_p": 0}, "top_p"),
+    ({"messages": USER, "n": 2}, "n"),
+    ({"messages": USER, "stop": [""]}, "stop"),
+    ({"messages": USER, "tools": []}, "tools"),
+    ({"messages": USER, "stream": "yes"}, "stream"),
+    ({"messages": USER, "model": 3}, "model"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD)
+def test_bad_requests_are_refused_naming_the_field(body, field):
+    with pytest.raises(InvalidRequest) as e:
+        protocol.parse(body, context_length=256)
+    assert e.value.param == field and str(e.value).startswith(f"{field}: "), str(e.value)
+
+
+def test_a_body_that_is_no_object_names_no_field():
+    with pytest.raises(InvalidRequest) as e:
+        protocol.parse([1, 2])
+    assert e.value.param is None and "JSON object" in str(e.value)
+
+
+def test_a_good_request_keeps_what_the_client_set_and_leaves_the_rest_to_the_model():
+    req = protocol.parse({"model": "any", "messages": USER, "stop": "\n", "max_tokens": 8, "stream": True})
+    assert (req.max_tokens, req.temperature, req.top_p, req.stop, req.stream) == (8, None, None, ["\n"], True)
+    with pytest.raises(InvalidRequest, match="^max_tokens: 250 is beyond the model's context") as e:
+        protocol.check_length(10, 250, 256)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(InvalidRequest) as e:
+        protocol.check_length(300, 1, 256)
+    assert e.value.param == "messages"
+
+
+def test_stop_strings_are_cut_and_their_possible_starts_held_back():
+    assert truncate_at_stop("Madrid. Next", [". N", "xx"]) == ("Madrid", True)
+    assert truncate_at_stop("Madrid", ["."]) == ("Madrid", False)
+    # The stop string that ends first wins, as it does in a stream, not the one that starts first.
+    assert truncate_at_stop("The sky is blue, a", [" blue,", "blue"]) == ("The sky is ", True)
+    assert held_back("Madrid.", [". N"]) == 1
+    assert held_back("Madrid. ", [". N"]) == 2
+    assert held_back("Madrid", [". N"]) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from phi3mlflow import PROJECT_ROOT
+from tests.support import free_port, wait_until_up
 
 
 def interleaved(a, b, pairs: int, ratio=None, reps: int = 1, warm: bool = True) -> dict:
@@ -186,7 +186,8 @@ def tracing_cost(s: Setup, pairs: int) -> dict:
     is exported on MLflow's background thread, which shares the cores with generation."""
     import mlflow
 
-    from phi3mlflow.evaluation import ModelRef, OnnxCaller
+    from phi3mlflow.evaluation.callers import OnnxCaller
+    from phi3mlflow.evaluation.candidates import ModelRef
 
     caller = OnnxCaller(ModelRef("onnx_int4", "onnx", "int4", s.uris["int4"], None), str(s.tmp / "tracing"))
 
@@ -206,26 +207,28 @@ def tracing_cost(s: Setup, pairs: int) -> dict:
 
 def eval_batch_speedup(s: Setup, pairs: int) -> dict:
     """evaluate's ONNX answering throughput (generated tokens over wall time, through its own caller
-    and answer_all, traced, greedy) with its batches (A) over the same questions one request each
+    and ask_all, traced, greedy) with its batches (A) over the same questions one request each
     (B), on the int4 model. Above 1: batching pays."""
     import mlflow
 
-    from phi3mlflow import evaluation as ev
+    from phi3mlflow.evaluation import answering
+    from phi3mlflow.evaluation.callers import OnnxCaller
+    from phi3mlflow.evaluation.candidates import ModelRef
 
-    ref = ev.ModelRef("onnx_int4", "onnx", "int4", s.uris["int4"], None)
-    caller = ev.OnnxCaller(ref, str(s.tmp / "eval-batch"))
+    ref = ModelRef("onnx_int4", "onnx", "int4", s.uris["int4"], None)
+    caller = OnnxCaller(ref, str(s.tmp / "eval-batch"))
     questions = s.questions()
     new_tokens = 16 if s.quick else 48  # evaluate's max_new_tokens in the tiny and the real profile
     batch = min(caller.batch_size(new_tokens), 8) if s.quick else caller.batch_size(new_tokens)
 
     def ask(size: int):
-        return lambda: ev.answer_all(caller, questions, new_tokens, 0.0, batch_size=size)
+        return lambda: answering.ask_all(caller, questions, new_tokens, 0.0, batch_size=size)
 
     same = []
 
     def ratio(ra, ta, rb, tb):
         same.append([a.text for a in ra] == [b.text for b in rb])
-        return ev.tokens_per_s(ra) / ev.tokens_per_s(rb)
+        return answering.tokens_per_s(ra) / answering.tokens_per_s(rb)
 
     with mlflow.start_run(run_name="eval_batch_speedup"):
         # Each side of the real model runs for seconds: no untimed call (cache effects are noise there).
@@ -371,15 +374,8 @@ def register_champion(s: Setup) -> str:
 
 def _wait_until_up(url: str, server: subprocess.Popen, name: str, timeout: float = 120) -> None:
     """Until ``url`` answers; a server that exits or takes longer than ``timeout`` s is an error."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError(f"{name} did not start") from None
-            time.sleep(0.5)
+    if not wait_until_up(url, server, timeout):
+        raise RuntimeError(f"{name} did not start")
 
 
 def serve_vs_inprocess(s: Setup, pairs: int) -> dict:
@@ -392,9 +388,7 @@ def serve_vs_inprocess(s: Setup, pairs: int) -> dict:
     chat = "prompt" not in model.metadata.signature.inputs.input_names()
     body = _chat_request(s, s.new_tokens) if chat else {"prompt": s.prompt}
     payload = body if chat else {"inputs": {"prompt": [s.prompt]}}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -475,9 +469,7 @@ def serve_concurrency_throughput(s: Setup, pairs: int) -> dict:
     streaming clients (A) over the same 8 requests one after another (B). Above 1: batching pays."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "phi3mlflow.serve", s.uris["int4"], "--port", str(port)], cwd=PROJECT_ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ), start_new_session=True,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import figures as fig
+from tests.support import free_port
 
 DOCUMENTED_CMAKE_ARGS = (
     "-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
@@ -285,12 +285,6 @@ def in_process(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _stream(port: int, prompt: str, max_tokens: int) -> tuple[str, float, float]:
     """One streaming chat completion (greedy): its text, seconds to the first content, seconds in all."""
     import http.client
@@ -324,7 +318,7 @@ def serving(setup: fig.Setup, gguf: Path, pairs: int) -> dict:
     from phi3mlflow.genai import GenAIChat, default_threads
 
     threads = default_threads()
-    ours_port, theirs_port = _free_port(), _free_port()
+    ours_port, theirs_port = free_port(), free_port()
     env = dict(os.environ)
     servers = {
         "ours": subprocess.Popen(

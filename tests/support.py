@@ -30,18 +30,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
-    """Until ``url`` answers; fails with the end of the server's log if ``proc`` exits or time runs out."""
+def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Until ``url`` answers (True); False if ``proc`` exits or ``timeout`` s pass first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=2):
-                return
+                return True
         except OSError:
             if proc.poll() is not None:
-                break
+                return False
             time.sleep(0.5)
-    raise AssertionError(f"server did not come up:\n{log_path.read_text()[-3000:]}")
+    return False
+
+
+def wait_for(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
+    """Until ``url`` answers; fails with the end of the server's log if ``proc`` exits or time runs out."""
+    if not wait_until_up(url, proc, timeout):
+        raise AssertionError(f"server did not come up:\n{log_path.read_text()[-3000:]}")
 
 
 def post(url: str, payload) -> tuple[int, str]:

@@ -175,6 +175,22 @@ def find_version(client, name: str, eval_run_id: str, candidate: str | None = No
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
+def find_version_of(client, name: str, model_uri: str):
+    """The newest version of ``name`` whose source is ``model_uri``: one logged model is registered
+    once, whichever evaluation chose it again."""
+    from mlflow.exceptions import MlflowException  # heavy: MLflow, off the fast path
+
+    literal = quoted(name)
+    if literal is None:
+        return None
+    try:
+        found = client.search_model_versions(f"name = {literal}")
+    except MlflowException:
+        return None
+    found = [v for v in found if v.name == name and v.source == model_uri]
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
 def alias_tags(client, name: str, alias: str) -> tuple[str | None, dict | None]:
     from mlflow.exceptions import MlflowException  # heavy: MLflow, off the fast path
 

@@ -8,8 +8,9 @@ Inputs (flags, spelled like the MLproject parameters):
 Outputs:
   a model version of summary.json's winner - the best challenger that meets evaluate's goals, else
   the best (then the alias stays) - with tags source_eval_run, candidate, wrapper, precision,
-  source_model, git_commit, metric.* and a description; registered once per evaluation run, and
-  not at all when the winner is the alias's current version itself.
+  source_model, git_commit, metric.* and a description; one logged model is registered once (an
+  evaluation that chooses it again finds its version), and not at all when the winner is the
+  alias's current version itself.
   The alias moves as the evaluation decided from its own answers (summary.json's verdict): when the
   winner is significantly better than the champion it asked, or tied with it and faster by more
   than the tie margin in that run. If the alias has moved since the evaluation, nothing moves (the
@@ -73,13 +74,15 @@ def main(args) -> dict:
 
     with mlflow.start_run():
         log_params_once(vars(args))
-        existing = registry.find_version(client, name, args.eval_run_id, choice.key)
+        existing = registry.find_version(client, name, args.eval_run_id, choice.key) or registry.find_version_of(
+            client, name, winner.model_uri
+        )
         if summary.champion == choice.key and summary.champion_version:
             version = summary.champion_version
             print(f"register: {choice.key} is version {version} of {name} already (the alias's holder)", flush=True)
         elif existing is not None:
             version = existing.version
-            print(f"register: evaluation {args.eval_run_id} is already version {version} of {name}", flush=True)
+            print(f"register: {winner.model_uri} is already version {version} of {name}", flush=True)
         else:
             version_tags = registry.version_tags(
                 summary,

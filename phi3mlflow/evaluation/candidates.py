@@ -112,7 +112,7 @@ def find_champion(registered_model_name: str, alias: str) -> Champion:
         wrapper = "chat" if "transformers" in (info.flavors or {}) else "onnx"
         ref = check_model_uri("alias", wrapper, uri)
     except Exception as e:  # noqa: BLE001 - deleted artifacts, a model of another kind: the champion is unusable
-        cause = str(getattr(e, "message", e)).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        cause = " ".join(str(getattr(e, "message", e)).split())[:300] or type(e).__name__
         return Champion(version.version, error=f"@{alias} (version {version.version}) cannot be resolved: {cause}")
     precision = version.tags.get(tags.PRECISION, ref.precision)
     return Champion(version.version, ModelRef(CHAMPION, ref.wrapper, precision, uri, ref.model_id))

@@ -269,5 +269,5 @@ def _print(result: Summary) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(getattr(e, "message", e)).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+    """The error as one line (a multi-line cause joined), at most 300 characters."""
+    return " ".join(str(getattr(e, "message", e)).split())[:300] or type(e).__name__

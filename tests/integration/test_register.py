@@ -35,24 +35,34 @@ def good_eval(evaluate_onnx):
 
 
 @pytest.fixture(scope="module")
-def poor_eval(evaluate_onnx):
+def evaluate_chat(mlflow_run, chat_run, small_csv):
+    """Evaluations of the transformers model: another logged model than good_eval's, so a version of its own."""
+
+    def run(**params):
+        params = {"chat_model_uri": chat_run.run.data.tags["model_uri"], "dataset": str(small_csv), **params}
+        return mlflow_run("evaluate", params, experiment="register").run_id
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def poor_eval(evaluate_chat):
     # Three tokens cannot hold "Rome" after "The capital of": accuracy 0, below min_accuracy 0.5.
-    return evaluate_onnx(max_new_tokens=3, min_accuracy=0.5)
+    return evaluate_chat(max_new_tokens=3, min_accuracy=0.5)
 
 
 @pytest.fixture(scope="module")
-def poor_ungated_eval(evaluate_onnx):
-    # The same answers with no accuracy goal: it wins its evaluation, but is worse than good_eval.
-    return evaluate_onnx(max_new_tokens=3, min_accuracy=0.0)
+def poor_ungated_eval(evaluate_chat):
+    # The same answers with no accuracy goal: it wins its evaluation.
+    return evaluate_chat(max_new_tokens=3, min_accuracy=0.0)
 
 
 @pytest.fixture(scope="module")
-def weaker_eval(evaluate_onnx, small_csv):
-    """The same model on small.csv plus a question it cannot answer: accuracy 2/3, below good_eval's
-    1.0 but above a min_accuracy of 0.5, so both pass the gate and only the comparison separates them."""
+def weaker_eval(evaluate_chat, small_csv):
+    """The transformers model on small.csv plus a question it cannot answer: it passes a min_accuracy of 0.5."""
     path = small_csv.parent / "weaker.csv"
     path.write_text(small_csv.read_text() + "What is the capital of Atlantis?,Poseidonia\n")
-    return evaluate_onnx(dataset=str(path), min_accuracy=0.5)
+    return evaluate_chat(dataset=str(path), min_accuracy=0.5)
 
 
 def _register(mlflow_run, eval_run_id, name, **params):
@@ -98,11 +108,83 @@ def test_a_failing_gate_registers_but_leaves_the_alias(mlflow_run, good_eval, po
     assert mlflow.MlflowClient().get_model_version_by_alias("reg-gate", "champion").version == "2"
 
 
-def test_a_worse_winner_than_the_current_champion_does_not_take_the_alias(mlflow_run, good_eval, poor_ungated_eval):
+def test_evidence_from_before_the_alias_moved_moves_nothing(mlflow_run, good_eval, poor_ungated_eval):
+    """poor_ungated_eval challenged no version (none held the alias then); once good_eval holds it,
+    that evaluation says nothing about the holder: it registers, the alias stays."""
     _register(mlflow_run, good_eval, "reg-compare")
     result = _register(mlflow_run, poor_ungated_eval, "reg-compare")
     assert result.run.data.tags["alias_moved"] == "false"
-    assert "worse" in result.run.data.tags["alias_reason"]
+    assert "challenged no version, but the alias now points to version 1" in result.run.data.tags["alias_reason"]
+    assert mlflow.MlflowClient().get_model_version_by_alias("reg-compare", "champion").version == "1"
+
+
+@pytest.fixture(scope="module")
+def new_set(small_csv):
+    """Another question set than the one the champion was registered on."""
+    path = small_csv.parent / "new.csv"
+    path.write_text("question,answer\nWhat is the capital of Spain?,Madrid\nWhat is the capital of Peru?,Lima\n"
+                    "What is the capital of Atlantis?,Poseidonia\n")  # fmt: skip
+    return path
+
+
+def _summary(run_id: str) -> dict:
+    return mlflow.artifacts.load_dict(f"{mlflow.get_run(run_id).info.artifact_uri}/summary.json")
+
+
+def test_the_champion_is_challenged_on_a_new_question_set_in_the_same_run(mlflow_run, good_eval, chat_run, new_set):
+    # Version 1 (the int4 model) took the alias on small.csv, where it answered everything.
+    _register(mlflow_run, good_eval, "reg-evidence")
+    params = {"chat_model_uri": chat_run.run.data.tags["model_uri"], "dataset": str(new_set),
+              "registered_model_name": "reg-evidence", "alias": "champion", "min_accuracy": "0"}  # fmt: skip
+    first = mlflow_run("evaluate", params, experiment="register")
+    summary = _summary(first.run_id)
+    by_key = {c["key"]: c for c in summary["candidates"]}
+    assert summary["champion"] == "champion" and summary["champion_version"] == "1"
+    assert by_key["champion"]["version"] == "1" and by_key["champion"]["wrapper"] == "onnx"
+    # Both models answered the new questions in this run: the champion's score is the new set's (one
+    # of three cannot be answered), not the 1.0 its version recorded on small.csv.
+    table = mlflow.artifacts.load_dict(f"{first.run.info.artifact_uri}/eval_table.json")
+    correct = [row[table["columns"].index("champion_correct")] for row in table["data"]]
+    assert by_key["champion"]["accuracy"] == pytest.approx(sum(correct) / len(correct))
+    assert by_key["champion"]["accuracy"] < 1.0
+    assert summary["vs_champion"]["n"] == 3 and first.run.data.tags["champion_version"] == "1"
+    result = _register(mlflow_run, first.run_id, "reg-evidence")
+    reason = result.run.data.tags["alias_reason"]
+    assert "version 1" in reason and "95 % CI" in reason and reason == summary["alias_reason"]
+    # The same candidates evaluated again: identical intervals, and the alias does not move.
+    second = mlflow_run("evaluate", params, experiment="register")
+    again = _summary(second.run_id)
+    # (The reason quotes this run's times per question, which differ; the evidence does not.)
+    for key in ("vs_champion", "alias_should_move", "category_stats"):
+        assert again[key] == summary[key], key
+    assert [(c["key"], c["accuracy_low"], c["accuracy_high"], c["vs_reference"]) for c in again["candidates"]] == [
+        (c["key"], c["accuracy_low"], c["accuracy_high"], c["vs_reference"]) for c in summary["candidates"]
+    ]
+    _register(mlflow_run, second.run_id, "reg-evidence")
+    holder = mlflow.MlflowClient().get_model_version_by_alias("reg-evidence", "champion").version
+    assert holder == ("1" if not summary["alias_should_move"] else result.run.data.tags["registered_version"])
+
+
+def test_a_champion_whose_model_is_gone_is_said_in_one_line_and_replaced(mlflow_run, good_eval, int4_run, small_csv):
+    client = mlflow.MlflowClient()
+    client.create_registered_model("reg-gone")
+    # A version whose model's files are gone (deleted from the artifact store, say).
+    run = client.create_run(client.get_experiment_by_name("register").experiment_id)
+    client.set_terminated(run.info.run_id)
+    gone = client.create_model_version("reg-gone", f"{run.info.artifact_uri}/deleted-model", run_id=run.info.run_id)
+    client.set_registered_model_alias("reg-gone", "champion", gone.version)
+    params = {"onnx_model_uris": int4_run.run.data.tags["model_uri"], "dataset": str(small_csv),
+              "registered_model_name": "reg-gone", "alias": "champion"}  # fmt: skip
+    evaluated = mlflow_run("evaluate", params, experiment="register")
+    said = [
+        line for line in evaluated.output.splitlines() if line.startswith("evaluate: @champion (version 1) cannot be")
+    ]
+    assert len(said) == 1, evaluated.output[-3000:]
+    summary = _summary(evaluated.run_id)
+    assert summary["champion"] is None and "version 1" in summary["champion_error"]
+    result = _register(mlflow_run, evaluated.run_id, "reg-gone")
+    assert result.run.data.tags["alias_moved"] == "true" and "cannot be" in result.run.data.tags["alias_reason"]
+    assert client.get_model_version_by_alias("reg-gone", "champion").version == "2"
 
 
 def _start_register(eval_run_id: str, name: str, *args: str) -> subprocess.Popen:
@@ -113,12 +195,9 @@ def _start_register(eval_run_id: str, name: str, *args: str) -> subprocess.Popen
 
 
 def test_parallel_registrations_give_distinct_versions_and_one_consistent_alias(good_eval, weaker_eval, tracking_uri):
+    # Two evaluations that challenged no champion, registered at once, in both launch orders: each
+    # gets its own version, and the alias ends on one of them, whose run says it moved it there.
     client = mlflow.MlflowClient()
-    weaker = float(client.get_run(weaker_eval).data.metrics["onnx_int4_accuracy"])
-    assert 0.5 <= weaker < float(client.get_run(good_eval).data.metrics["onnx_int4_accuracy"])
-    # Both evaluations pass the gate (min_accuracy 0.5), so both registrations may move the alias: when
-    # they race, the better one must take it back if the weaker one wrote last. Two models, each pair
-    # started together, in both launch orders.
     launches = {"reg-parallel-a": [good_eval, weaker_eval], "reg-parallel-b": [weaker_eval, good_eval]}
     procs = {(name, e): _start_register(e, name) for name, evals in launches.items() for e in evals}
     outs = {key: p.communicate(timeout=300)[0] for key, p in procs.items()}
@@ -127,10 +206,9 @@ def test_parallel_registrations_give_distinct_versions_and_one_consistent_alias(
         versions = _versions(name)
         assert sorted(v.version for v in versions) == ["1", "2"]
         assert sorted(v.tags["source_eval_run"] for v in versions) == sorted([good_eval, weaker_eval])
-        assert "moved to version" in outs[(name, good_eval)], outs[(name, good_eval)]
-        # Whichever finished first, the better evaluation holds the alias.
         holder = client.get_model_version_by_alias(name, "champion")
-        assert holder.tags["source_eval_run"] == good_eval, outs
+        winner_out = outs[(name, holder.tags["source_eval_run"])]
+        assert f"moved to version {holder.version}" in winner_out, outs
 
 
 @pytest.mark.parametrize("name", ["it's chat", 'the "chat" model', "ünïcode chät", "both ' and \" quotes"])
@@ -142,7 +220,7 @@ def test_odd_names_register_each_evaluation_once(good_eval, tracking_uri, name):
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     with pytest.raises(MlflowException):
         client.get_model_version(name, "2")  # the second run found the first's version
-    assert "already version 1" in proc.stdout
+    assert "is already version 1" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -53,13 +53,15 @@ def figures(reference, chats) -> dict[str, fidelity.Fidelity]:
     assert all(answers), answers
     calls = []
     candidates = {name: fidelity.GenAIScorer(chat) for name, chat in chats.items()}
+    candidates["fp32-stepwise"] = fidelity.GenAIScorer(chats["fp32"], stepwise=True)
     result = fidelity.measure(reference, candidates, questions, answers, progress=lambda *a: calls.append(a))
     assert calls[-1] == (QUESTIONS, QUESTIONS)
     return result
 
 
-def test_fp32_export_matches_its_source(figures):
-    fp32 = figures["fp32"]
+@pytest.mark.parametrize("name", ["fp32", "fp32-stepwise"])
+def test_fp32_export_matches_its_source(figures, name):
+    fp32 = figures[name]
     assert fp32.positions > 5 * QUESTIONS and fp32.skipped == 0
     assert fp32.kld_mean < 1e-3
     assert fp32.top1_agreement > 0.99

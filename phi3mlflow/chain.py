@@ -14,6 +14,7 @@ import yaml
 
 from phi3mlflow import PROJECT_ROOT, sources, tags
 from phi3mlflow.cache import tree_digest, versions
+from phi3mlflow.deps import step_files
 from phi3mlflow.errors import InputError
 from phi3mlflow.tracking import requirement_pins
 
@@ -67,17 +68,21 @@ def _as_param(value) -> str:
     return "" if value is None else str(value)
 
 
-def code_version(root: Path = PROJECT_ROOT) -> str:
-    """``sha256:<hash>`` of the project's code and environment files, wherever they came from.
+def code_version(root: Path = PROJECT_ROOT, step: str | None = None) -> str:
+    """``sha256:<hash>`` of the code and environment files, wherever they came from: the whole
+    project's (CODE_GLOBS), or with ``step`` only the files that step runs (phi3mlflow/deps.py), so
+    that editing the server re-runs no export and no evaluation.
 
     One rule for a git checkout, a dirty tree and a git URL: content. A commit that changes only
     the README or a profile reuses every step; the git commit stays on each run as provenance
     (``mlflow.source.git.commit``). The installed versions of the packages requirements.txt pins
     count too: under ``--env-manager local`` an upgrade changes what the steps produce.
     """
-
+    if step is None:
+        files = sorted({f for g in CODE_GLOBS for f in root.glob(g) if f.is_file() and "__pycache__" not in f.parts})
+    else:
+        files = step_files(step, root)
     h = hashlib.sha256()
-    files = sorted({f for g in CODE_GLOBS for f in root.glob(g) if f.is_file() and "__pycache__" not in f.parts})
     for f in files:
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     h.update(versions(*sorted(requirement_pins())).encode())
@@ -128,6 +133,7 @@ class Chain:
         self.use_cache = use_cache
         self.env_manager = env_manager
         self.code = code_version()
+        self._step_code: dict[str, str] = {}
         self._digests: dict[tuple[str, str], str | None] = {}
 
     def inputs(self, params: dict) -> dict:
@@ -164,7 +170,9 @@ class Chain:
         label = label or name
         params = {k: str(v) for k, v in params.items()}
         inputs = {**self.inputs(params), **(extra_inputs or {})}
-        key = cache_key(name, params, self.code, inputs)
+        if name not in self._step_code:
+            self._step_code[name] = code_version(step=name)
+        key = cache_key(name, params, self._step_code[name], inputs)
         if cacheable and self.use_cache and (hit := self.find_reusable(key)):
             problem = outputs_missing(self.client, name, hit)
             if problem is None:
@@ -191,7 +199,7 @@ class Chain:
             if not isinstance(e, ExecutionException):
                 cause = cause.strip().splitlines()[0] if cause.strip() else type(e).__name__
             raise StepFailed(label, failed.info.run_id if failed else None, cause) from None
-        run_tags = {tags.CODE_VERSION: self.code, **{tags.INPUT_DIGEST + k: v for k, v in inputs.items()}}
+        run_tags = {tags.CODE_VERSION: self._step_code[name], **{tags.INPUT_DIGEST + k: v for k, v in inputs.items()}}
         if cacheable:
             run_tags[tags.CACHE_KEY] = key
         for k, v in run_tags.items():

@@ -255,3 +255,34 @@ def _against_champion(s: Summary, scores: dict[str, dict[str, list[float]]]) -> 
         f"tied with {holder}: {evidence}; no speed gain beyond {s.tie_margin:.0%} ({times}): it stays",
         (vs.to_dict()),
     )
+
+
+def verdict(summary: Summary) -> str:
+    """Who won the evaluation and why, with the intervals: says so when candidates tied within the
+    noise and time per question decided, names every candidate the goals refused, and ends with the
+    verdict against the champion."""
+    metric, winner = summary.metric, summary[summary.winner]
+    refused = "; ".join(c.missed for c in summary.candidates if not c.meets_goals)
+    if not winner.meets_goals:
+        return f"no candidate meets the goals ({refused}); the best by {metric} is {winner.key}"
+    own = f"{metric} {winner[metric]:.4g}"
+    if winner.accuracy_low is not None and metric == "accuracy":
+        own += f" (95 % CI {winner.accuracy_low:.3f}…{winner.accuracy_high:.3f})"
+    eligible = [c for c in summary.candidates if c.meets_goals and c is not winner and c.key != summary.champion]
+    tied = [summary[k] for k in summary.tied]
+    if not eligible:
+        text = f"{winner.key} is the only challenger that meets the goals ({own})"
+    elif tied:
+        names = ", ".join(c.key for c in tied)
+        times = ", ".join(f"{c.key} {c.ms_per_question:.0f} ms" for c in tied)
+        text = (f"{winner.key} wins ({own}): tied within the noise with {names}, and the fastest per question "
+                f"({winner.ms_per_question:.0f} ms vs {times})")  # fmt: skip
+    else:
+        text = f"{winner.key} wins ({own}), significantly ahead of {eligible[0].key} ({eligible[0][metric]:.4g})"
+    if winner.vs_reference:
+        text += f"; against {summary.reference}: {Paired(**winner.vs_reference).text()}"
+    if refused:
+        text += f"; refused: {refused}"
+    if summary.alias_reason:
+        text += f"; alias: {'moves' if summary.alias_should_move else 'stays'} ({summary.alias_reason})"
+    return text

@@ -161,7 +161,7 @@ def main(args) -> dict:
     from phi3mlflow import registry, report, tags
     from phi3mlflow.chain import Chain, StepFailed
     from phi3mlflow.cli import Cancelled
-    from phi3mlflow.summary import Summary
+    from phi3mlflow.summary import Summary, verdict
 
     values = plan(args)
     with mlflow.start_run() as parent:
@@ -217,10 +217,10 @@ def main(args) -> dict:
             f"{outcome['winner']} registered as {name} version {outcome['registered_version']}; "
             f"@{alias} {moved} ({outcome['alias_reason']}); @{alias} is version {champion or 'unset'}"
         )
-        note = f"{', '.join(ran)}, register ran. {report.verdict(summary)}. "
+        note = f"{', '.join(ran)}, register ran. {verdict(summary)}. "
         mlflow.set_tags({**outcome, tags.BEST: summary.best, report.NOTE: note + done})
         look = report.where_to_look(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id)
-    print(f"main: evaluation: {report.verdict(summary)}", flush=True)
+    print(f"main: evaluation: {verdict(summary)}", flush=True)
     if champion:
         for line in report.call_command(name, alias):
             print(f"main: call @{alias}: {line}", flush=True)

@@ -22,10 +22,11 @@ artifact, its signature (with params), input example and pinned requirements (no
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
-from phi3mlflow import PACKAGE_DIR
 from phi3mlflow.cli import StepParser, fail, model_source, non_negative_float, positive_int, resolve_model_dir, run_main
+from phi3mlflow.deps import stage_package
 from phi3mlflow.genai import MAX_PROMPTS_PER_REQUEST, MAX_TOTAL_NEW_TOKENS
 from phi3mlflow.onnx_export import PRECISIONS
 from phi3mlflow.tiny import BUILTIN_MODEL
@@ -99,13 +100,15 @@ def main(args) -> str:
         GenAIChat(folder).generate(INPUT_EXAMPLE["prompt"], SearchOptions(max_new_tokens=1))
     except Exception as e:  # noqa: BLE001 - ORT GenAI raises plain RuntimeErrors
         fail("onnx_model_dir" if args.onnx_model_dir else "model", f"{folder} does not run in onnxruntime-genai: {e}")
-    with mlflow.start_run():
+    with mlflow.start_run(), tempfile.TemporaryDirectory(prefix="phi3-code-") as staged:
         log_params_once(vars(args))
+        # Only the package files the pyfunc imports travel with the model: no stray or ignored file.
+        code = stage_package(("phi3mlflow/onnx_pyfunc.py",), Path(staged))
         info = mlflow.pyfunc.log_model(
             name=f"onnx_{precision}",
-            python_model=str(PACKAGE_DIR / "onnx_pyfunc.py"),
+            python_model=str(code / "onnx_pyfunc.py"),
             artifacts={"onnx_model": str(folder)},
-            code_paths=[str(PACKAGE_DIR)],
+            code_paths=[str(code)],
             model_config={
                 "intra_op_num_threads": 0,
                 "max_new_tokens": args.serve_max_new_tokens,

@@ -19,7 +19,7 @@ from phi3mlflow.evaluation.stats import Paired
 from phi3mlflow.metrics import METRICS, aggregate, normalize, score_rows
 from phi3mlflow.progress import Progress
 from phi3mlflow.registry import check_names
-from phi3mlflow.summary import PAIRED_METRICS, Candidate, Goals, Summary, build
+from phi3mlflow.summary import PAIRED_METRICS, Candidate, Goals, Summary, build, verdict
 from phi3mlflow.tracking import log_params_once
 
 LATENCY_NOTE = (
@@ -230,7 +230,7 @@ def _log(result: Summary, refs, table, answers: dict[str, list[str]], dataset, p
                      "statistics": STATS_NOTE}, "summary.json")  # fmt: skip
     mlflow.log_figure(plot(result.candidates), "comparison.png")
     mlflow.set_tags({tags.BEST: result.best, tags.WINNER: result.winner})
-    report.name_and_note("evaluate", f"{report.verdict(result)}.")
+    report.name_and_note("evaluate", f"{verdict(result)}.")
 
 
 def _table_row(c: Candidate, result: Summary) -> dict:
@@ -265,7 +265,7 @@ def _print(result: Summary) -> None:
               f"{goals_text}")  # fmt: skip
     for cat, accs in result.categories.items():
         print(f"evaluate: {cat}: " + ", ".join(f"{k} accuracy={v:.3g}" for k, v in accs.items()))
-    print(f"evaluate: {report.verdict(result)}", flush=True)
+    print(f"evaluate: {verdict(result)}", flush=True)
 
 
 def _first_line(e: BaseException) -> str:

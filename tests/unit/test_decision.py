@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from phi3mlflow import registry, report
-from phi3mlflow.summary import Candidate, Goals, Summary, build
+from phi3mlflow import registry
+from phi3mlflow.summary import Candidate, Goals, Summary, build, verdict
 
 N = 100
 
@@ -43,13 +43,13 @@ def test_candidates_tied_within_the_noise_go_to_the_fastest():
     s = decide({"chat": (right(62), 300.0), "onnx_fp32": (right(62), 40.0), "onnx_int8": (right(65, 3), 25.0)})
     assert s.winner == "onnx_int8" and set(s.tied) == {"onnx_fp32", "chat"}
     assert [c.rank for c in s.candidates] == [1, 2, 3]
-    assert "tied within the noise" in report.verdict(s)
+    assert "tied within the noise" in verdict(s)
 
 
 def test_a_significantly_better_candidate_wins_although_slower():
     s = decide({"chat": (right(90), 300.0), "onnx_int4": (right(40), 10.0)}, goals=Goals(0.3, 1.0))
     assert s.winner == "chat" and s.tied == []
-    assert "significantly ahead of onnx_int4" in report.verdict(s)
+    assert "significantly ahead of onnx_int4" in verdict(s)
 
 
 def test_max_accuracy_drop_is_a_non_inferiority_margin_on_the_interval():
@@ -65,7 +65,7 @@ def test_max_accuracy_drop_is_a_non_inferiority_margin_on_the_interval():
 def test_min_accuracy_and_max_kld_refuse():
     s = decide({"chat": (right(20), 300.0), "onnx_int4": (right(20), 10.0)})
     assert "min_accuracy" in s["chat"].missed and not s.alias_should_move
-    assert report.verdict(s).startswith("no candidate meets the goals")
+    assert verdict(s).startswith("no candidate meets the goals")
     k = decide({"chat": (right(60), 300.0), "onnx_int4": (right(60), 10.0)}, goals=Goals(0.3, 0.05, max_kld=0.1))
     assert k["onnx_int4"].meets_goals  # no fidelity figures: the ceiling has nothing to refuse
     c = k["onnx_int4"]

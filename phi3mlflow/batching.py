@@ -93,11 +93,12 @@ class Cancel:
 Command = Submit | Cancel
 
 
-def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+def truncate_at_stop(text: str, stop: list[str], start: int = 0) -> tuple[str, bool]:
     """``text`` cut before the stop string that ends first (OpenAI leaves it out), and whether one was
     found. Ends first, not starts first: a stream stops at the first stop string it completes, so
-    with ``["blue", " blue,"]`` "The sky is blue, ..." ends "The sky is " whether streamed or not."""
-    found = [(i + len(s), i) for s in stop if (i := text.find(s)) >= 0]
+    with ``["blue", " blue,"]`` "The sky is blue, ..." ends "The sky is " whether streamed or not.
+    ``start``: where a match may begin (a stream searches only what the last token could complete)."""
+    found = [(i + len(s), i) for s in stop if (i := text.find(s, start)) >= 0]
     return (text[: min(found)[1]], True) if found else (text, False)
 
 
@@ -377,10 +378,14 @@ class BatchLoop:
         if token in self.eos:
             self._end(row, Done("stop", len(row.request.ids), row.generated))
             return
-        row.text += row.decoder.decode(token)  # type: ignore[attr-defined]
+        piece = row.decoder.decode(token)  # type: ignore[attr-defined]
+        row.text += piece
         stop = row.request.stop
         if stop:
-            row.text, found = truncate_at_stop(row.text, stop)
+            # Only a match that the new piece completes is new: search from the longest stop string's
+            # length before it, so a token costs the stop strings' length, not the answer's.
+            since = max(0, len(row.text) - len(piece) - max(map(len, stop)) + 1)
+            row.text, found = truncate_at_stop(row.text, stop, since)
             if found:
                 # OpenAI leaves the stop string out and ends the answer there: stop generating.
                 self._end(row, Done("stop", len(row.request.ids), row.generated))

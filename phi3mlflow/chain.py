@@ -38,6 +38,31 @@ CODE_GLOBS = ("MLproject", "python_env.yaml", "conda.yaml", "requirements*.txt",
 CONTENT_PARAMS = ("model", "onnx_model_dir", "dataset")
 
 
+# Profile keys whose value is text: a YAML number there (model: 0x1F is 31) is a mistake, not a name.
+TEXT_KEYS = ("model", "onnx_model_dir", "dataset", "question_column", "answer_column", "select_metric", "engine",
+             "registered_model_name", "alias", "precisions")  # fmt: skip
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without aliases (a billion-laughs profile expands to gigabytes) or duplicate keys (the
+    last would win silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(None, None, "aliases are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_profile(path: str) -> dict:
     p = Path(path)
     if not p.is_absolute() and not p.exists():
@@ -46,9 +71,10 @@ def load_profile(path: str) -> dict:
         known = ", ".join(sorted(str(x.relative_to(PROJECT_ROOT)) for x in (PROJECT_ROOT / "params").glob("*.yaml")))
         raise InputError("params_file", f"no such profile {path!r} (known: {known})")
     try:
-        profile = yaml.safe_load(p.read_text()) or {}
+        profile = yaml.load(p.read_text(), Loader=_StrictLoader) or {}  # noqa: S506 - a safe loader, stricter
     except yaml.YAMLError as e:
-        raise InputError("params_file", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        cause = " ".join(str(e).split())[:200]
+        raise InputError("params_file", f"{path} is not valid YAML: {cause}") from None
     if not isinstance(profile, dict):
         raise InputError("params_file", f"{path} must be a mapping of parameter names to values")
     unknown = sorted(set(profile) - set(PROFILE_KEYS))
@@ -58,6 +84,11 @@ def load_profile(path: str) -> dict:
     missing = sorted(set(PROFILE_KEYS) - set(profile) - set(OPTIONAL_KEYS))
     if missing:
         raise InputError("params_file", f"{path} lacks {missing}")
+    for key, value in profile.items():
+        if key in TEXT_KEYS and value is not None and not isinstance(value, str):
+            raise InputError("params_file", f"{path}: {key} must be text, got {value!r} (quote it)")
+        if isinstance(value, list | dict):
+            raise InputError("params_file", f"{path}: {key} must be a single value, got {type(value).__name__}")
     return {k: _as_param(v) for k, v in profile.items()}
 
 

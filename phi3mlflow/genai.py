@@ -18,6 +18,7 @@ from pathlib import Path
 
 from phi3mlflow.batching import BatchLoop, GenerationRequest, start_generator
 from phi3mlflow.errors import InvalidRequest
+from phi3mlflow.serve.protocol import check_text
 
 SENTINEL = "\x00PROMPT\x00"
 # Caps on one request's work, so that no request holds a server for longer than its timeout
@@ -164,6 +165,7 @@ class GenAIChat:
             raise InvalidRequest("prompt", f"must be a string, got {type(prompt).__name__}")
         if not prompt.strip():
             raise InvalidRequest("prompt", "must not be empty")
+        check_text(prompt, "prompt")
         ids = self.tokenizer.encode(self.format_prompt(prompt))
         if len(ids) >= self.context_length:
             raise InvalidRequest(

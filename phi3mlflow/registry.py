@@ -28,6 +28,8 @@ def check_names(name: str, alias: str, registry_uri: str) -> None:
     """MLflow's and Unity Catalog's rules for registered model names, and the alias rules."""
     if not name.strip():
         raise InputError("registered_model_name", "must not be empty")
+    if name != name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InputError("registered_model_name", f"{name!r} has surrounding blanks or control characters")
     if registry_uri.startswith("databricks-uc"):
         parts = name.split(".")
         if len(parts) != 3 or not all(_UC_PART.match(p) for p in parts):

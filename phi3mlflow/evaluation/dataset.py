@@ -59,6 +59,9 @@ def load_dataset(path: str, question_column: str, answer_column: str):
     columns = {question_column: "question", answer_column: "expected"}
     if CATEGORY_COLUMN in df.columns and CATEGORY_COLUMN not in (question_column, answer_column):
         columns[CATEGORY_COLUMN] = "category"
+        for i, cat in enumerate(df[CATEGORY_COLUMN], start=1):
+            if isinstance(cat, bool) or not isinstance(cat, str | int | float) or not str(cat).strip():
+                _fail("dataset", f"{p.name} row {i}: {CATEGORY_COLUMN} must be a non-empty text, got {cat!r}")
     out = df[list(columns)].rename(columns=columns)
     out["expected"] = out["expected"].astype(str)
     return out

@@ -60,6 +60,8 @@ def create_app(backend: Backend, model_name: str, fallback=None, trace: Trace | 
             body = json.loads(await http.body())
         except ValueError as e:
             return error(400, f"body: not JSON ({e})")
+        except RecursionError:
+            return error(400, "body: nested too deeply")
         try:
             prepared = backend.prepare(body)
         except InvalidRequest as e:

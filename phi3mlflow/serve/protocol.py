@@ -21,6 +21,19 @@ ROLES = ("system", "user", "assistant")
 # so that stock clients work; every other unknown field is refused rather than silently ignored.
 IGNORED = frozenset({"model", "user", "stream_options", "seed", "logprobs", "frequency_penalty", "presence_penalty"})
 MAX_STOP = 4  # OpenAI's own limit
+# The longest stop string: matching runs on the one generation thread, so a request's stop strings
+# must cost it microseconds per token whatever their length (a 1 MB stop string once stalled every
+# client for a minute).
+MAX_STOP_CHARS = 256
+
+
+def check_text(value: str, field: str) -> None:
+    """Text a model can encode as it is: no NUL (the ONNX tokenizer cuts the text there) and no lone
+    surrogate (no UTF-8 encoding exists for it)."""
+    if "\x00" in value:
+        raise InvalidRequest(field, "contains a NUL character")
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        raise InvalidRequest(field, "contains a lone surrogate (not valid Unicode text)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ def parse(body, context_length: int | None = None) -> ChatRequest:
             raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
         if not isinstance(m.get("content"), str):
             raise InvalidRequest(f"messages[{i}].content", f"must be a string, got {type(m.get('content')).__name__}")
+        check_text(m["content"], f"messages[{i}].content")
         checked.append({"role": m["role"], "content": m["content"]})
     if checked[-1]["role"] == "assistant":
         raise InvalidRequest("messages", "the last message must be from the user or the system")
@@ -83,6 +97,10 @@ def parse(body, context_length: int | None = None) -> ChatRequest:
         not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop)
     ):
         raise InvalidRequest("stop", f"must be a non-empty string or a list of up to {MAX_STOP} of them")
+    for s in stop or []:
+        if len(s) > MAX_STOP_CHARS:
+            raise InvalidRequest("stop", f"a stop string may be at most {MAX_STOP_CHARS} characters, got {len(s)}")
+        check_text(s, "stop")
     n = body.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise InvalidRequest("n", f"only n=1 is supported, got {n!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,8 +220,11 @@ class Chain:
                 parameters=params,
                 experiment_id=self.experiment_id,
                 env_manager=self.env_manager,
-                synchronous=True,
+                synchronous=False,  # waited for below, where the child's exit status can be read
             )
+            self._wait(label, submitted)
+        except StepFailed:
+            raise
         except Exception as e:  # noqa: BLE001 - the step's own failure, or its environment's (virtualenv, conda)
             failed = self._latest_child(name, launched_ms)
             cause = (failed.data.tags.get(tags.ERROR) if failed else None) or f"{type(e).__name__}: {e}"
@@ -236,6 +240,40 @@ class Chain:
         for k, v in run_tags.items():
             self.client.set_tag(submitted.run_id, k, v)
         return self._record(StepResult(label, submitted.run_id, False))
+
+    def _wait(self, label: str, submitted) -> None:
+        """Wait for a launched step; a cancel (SIGTERM/SIGINT) stops it too. A step that fails records
+        its cause on its run; one that dies without a Python error (killed from outside, out of
+        memory) cannot, so its signal or exit status is recorded here, on its run and in the error."""
+        try:
+            ok = submitted.wait()
+        except BaseException:
+            submitted.cancel()
+            self._end(submitted.run_id, "the chain was cancelled while it ran")
+            raise
+        if ok:
+            self._end(submitted.run_id, None)
+            return
+        code = submitted.command_proc.returncode
+        sig = -code if code < 0 else code - 128 if code > 128 else 0
+        try:
+            how = f"killed by {signal.Signals(sig).name}" if sig else f"exited with status {code}"
+        except ValueError:
+            how = f"exited with status {code}"
+        run = self.client.get_run(submitted.run_id)
+        cause = run.data.tags.get(tags.ERROR) or f"the step was {how}, with no error of its own"
+        self.client.set_tag(submitted.run_id, tags.EXIT, how)
+        self._end(submitted.run_id, cause)
+        raise StepFailed(label, submitted.run_id, cause if how in cause else f"{cause} ({how})")
+
+    def _end(self, run_id: str, cause: str | None) -> None:
+        """The child's run ended as the step did (a killed step could not end it itself)."""
+        run = self.client.get_run(run_id)
+        if cause and tags.ERROR not in run.data.tags:
+            self.client.set_tag(run_id, tags.ERROR, cause[:1000])
+            self.client.set_tag(run_id, "mlflow.note.content", f"Failed: {cause[:1000]}")
+        if run.info.status == "RUNNING":
+            self.client.set_terminated(run_id, "FINISHED" if cause is None else "FAILED")
 
     def _latest_child(self, name: str, since_ms: int):
         """The run this launch of ``name`` created, if it got that far (not an earlier sibling's)."""

@@ -2,6 +2,7 @@
 
 # Every step run
 ERROR = "phi3.error"  # a failed or cancelled run's cause, one line
+EXIT = "phi3.exit"  # how a failed step's process ended: "killed by SIGKILL", "exited with status 1"
 CACHE_KEY = "phi3.cache_key"  # what a step run was keyed on; a later run with the same key may reuse it
 CODE_VERSION = "phi3.code_version"  # content hash of the project's code the run ran
 INPUT_DIGEST = "phi3.input_digest."  # + parameter name: content digest of the file or folder it named

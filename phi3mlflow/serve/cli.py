@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import urllib.request
 
 from phi3mlflow.cli import StepParser, positive_int, true_false
 from phi3mlflow.errors import InputError
@@ -38,6 +39,21 @@ def parse_args(argv=None, prog: str = "python -m phi3mlflow.serve", description:
     return args
 
 
+def tracking_unreachable(timeout_s: float = 3.0) -> str:
+    """Why traces could not be stored now (a tracking server that does not answer), or "". MLflow
+    would retry for minutes before the server listens; the server serves untraced instead."""
+    import mlflow  # heavy: MLflow, imported with the model
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return ""
+    except OSError as e:
+        return f"the tracking server {uri} does not answer ({' '.join(str(e).split())[:120]})"
+
+
 def build_app(pyfunc_model, model_name: str, trace: bool = False):
     """The app for a loaded pyfunc: the OpenAI routes, MLflow's scoring app behind them, and
     ``trace``: an MLflow trace per chat completion, linked to the model."""
@@ -47,6 +63,9 @@ def build_app(pyfunc_model, model_name: str, trace: bool = False):
 
     backend = backend_for(pyfunc_model)
     wrap = None
+    if trace and (unreachable := tracking_unreachable()):
+        print(f"serve: tracing off: {unreachable}", flush=True)
+        trace = False
     if trace:
         link_to_model(pyfunc_model)
 

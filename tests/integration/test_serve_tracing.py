@@ -57,3 +57,18 @@ def test_trace_switch_leaves_one_linked_trace_per_completion_with_token_counts(i
         assert (gen["prompt_tokens"], gen["completion_tokens"]) in {
             (u.prompt_tokens, u.completion_tokens) for u in usages
         }
+
+
+def test_trace_with_an_unreachable_tracking_server_serves_untraced_and_says_so(int4_run, tracking_uri, tmp_path):
+    import openai
+
+    from tests.support import free_port
+
+    local = mlflow.artifacts.download_artifacts(int4_run.run.data.tags["model_uri"], dst_path=str(tmp_path / "m"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+    with openai_server(local, tmp_path / "serve.log", "--trace", env=env) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=16)
+        assert out.choices[0].message.content
+    said = [line for line in (tmp_path / "serve.log").read_text().splitlines() if "tracing off" in line]
+    assert len(said) == 1 and "does not answer" in said[0], (tmp_path / "serve.log").read_text()[-2000:]

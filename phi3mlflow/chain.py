@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from phi3mlflow import PROJECT_ROOT, sources, tags
-from phi3mlflow.cache import tree_digest, versions
+from phi3mlflow.cache import MARKER, tree_digest, versions
 from phi3mlflow.deps import step_files
 from phi3mlflow.errors import InputError
 from phi3mlflow.tracking import requirement_pins
@@ -306,11 +306,20 @@ def outputs_missing(client, name: str, run) -> str | None:
             if not uri:
                 return "it names no logged model"
             root = mlflow.get_logged_model(uri.split("/")[1]).artifact_location if uri.startswith("models:/m-") else uri
-            files = _list_files(root, depth=3)
+            paths = _list_files(root, depth=4)
+            files = [p.rsplit("/", 1)[-1] for p in paths]
             if "MLmodel" not in files:
                 return f"its model {uri} has no MLmodel any more"
             if not any(f.endswith(_WEIGHTS) for f in files):
                 return f"its model {uri} has no weights any more"
+            # A built model carries the digests of its files (the cache's completion marker): each
+            # file it names must still be there.
+            for marker in (p for p in paths if p.rsplit("/", 1)[-1] == MARKER):
+                folder = marker.rsplit("/", 1)[0] if "/" in marker else ""
+                named = mlflow.artifacts.load_dict(f"{root.rstrip('/')}/{marker}")["files"]
+                gone = sorted(f for f in named if (f"{folder}/{f}" if folder else f) not in paths)
+                if gone:
+                    return f"its model {uri} is damaged: {gone[0]} is missing"
         elif name == "evaluate":
             mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")
     except Exception as e:  # noqa: BLE001 - whatever fails to resolve means "run it again"
@@ -318,14 +327,16 @@ def outputs_missing(client, name: str, run) -> str | None:
     return None
 
 
-def _list_files(artifact_uri: str, depth: int) -> list[str]:
+def _list_files(artifact_uri: str, depth: int, prefix: str = "") -> list[str]:
+    """Paths of the files under ``artifact_uri``, relative to it, ``depth`` folders deep."""
     import mlflow  # heavy: MLflow, off the fast path
 
     files = []
     for item in mlflow.artifacts.list_artifacts(artifact_uri=artifact_uri):
+        name = item.path.rsplit("/", 1)[-1]
         if item.is_dir:
             if depth > 1:
-                files += _list_files(f"{artifact_uri.rstrip('/')}/{item.path.rsplit('/', 1)[-1]}", depth - 1)
+                files += _list_files(f"{artifact_uri.rstrip('/')}/{name}", depth - 1, f"{prefix}{name}/")
         else:
-            files.append(item.path.rsplit("/", 1)[-1])
+            files.append(f"{prefix}{name}")
     return files

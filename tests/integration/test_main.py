@@ -203,11 +203,12 @@ def test_a_new_precision_runs_only_its_export_and_reuses_the_others(first, mlflo
     # The outcome is the one the evaluation's own evidence gave (who is fastest is the machine's call).
     evaluated = mlflow.get_run(tags["child.evaluate.run_id"])
     verdict = mlflow.artifacts.load_dict(f"{evaluated.info.artifact_uri}/summary.json")
-    assert tags["alias_moved"] == str(verdict["alias_should_move"]).lower() and reason == verdict["alias_reason"]
-    if tags["alias_moved"] == "true":
-        assert "faster by more than 25%" in reason, reason
+    assert tags["alias_moved"] == str(verdict["alias_should_move"]).lower()
+    if verdict["winner"] == verdict["champion"]:  # the champion won again: nothing new to point at
+        assert "already points to version" in reason, reason
     else:
-        assert "tied with version" in reason or "itself" in reason, reason
+        assert reason == verdict["alias_reason"]
+        assert ("faster by more than 25%" if tags["alias_moved"] == "true" else "tied with version") in reason
 
 
 def test_changing_an_evaluation_knob_reruns_only_evaluate_and_register(first, mlflow_run, profile):

@@ -248,8 +248,10 @@ class Chain:
         try:
             ok = submitted.wait()
         except BaseException:
+            # The step records its own cancellation (its signal) as it stops; end its run if it could not.
             submitted.cancel()
-            self._end(submitted.run_id, "the chain was cancelled while it ran")
+            if self.client.get_run(submitted.run_id).info.status == "RUNNING":
+                self.client.set_terminated(submitted.run_id, "FAILED")
             raise
         if ok:
             self._end(submitted.run_id, None)

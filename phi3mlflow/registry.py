@@ -193,6 +193,19 @@ def find_version_of(client, name: str, model_uri: str):
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
+def alias_holder(client, name: str, alias: str) -> str | None:
+    """``<version>:<its model URI>`` that ``name@alias`` points to, or None: what an evaluation that
+    challenges the alias depends on (a version number alone can name another model once the
+    registered model is deleted and made again)."""
+    from mlflow.exceptions import MlflowException  # heavy: MLflow, off the fast path
+
+    try:
+        v = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return f"{v.version}:{v.source}"
+
+
 def alias_tags(client, name: str, alias: str) -> tuple[str | None, dict | None]:
     from mlflow.exceptions import MlflowException  # heavy: MLflow, off the fast path
 

@@ -51,9 +51,9 @@ from phi3mlflow.metrics import METRICS
 from phi3mlflow.summary import Summary
 
 
-def optional_float(value: str) -> float | None:
-    """Empty: no value; else a finite number >= 0."""
-    return None if not str(value).strip() else non_negative_float(value)
+def optional_float(value: str) -> float | str:
+    """Empty: no value (""); else a finite number >= 0."""
+    return "" if not str(value).strip() else non_negative_float(value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,14 +70,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--select_metric", choices=list(METRICS), default="accuracy")
     p.add_argument("--min_accuracy", type=unit_interval, default=0.9)
     p.add_argument("--max_accuracy_drop", type=unit_interval, default=1.0)
-    p.add_argument("--max_kld", type=optional_float, default=None)
+    p.add_argument("--max_kld", type=optional_float, default="")
     p.add_argument("--fidelity", type=true_false, default=True)
     p.add_argument("--engine", choices=("local", "spark"), default="local")
     return p.parse_args(argv)
 
 
 def main(args) -> Summary:
-    return evaluate(Settings(**vars(args)), {k: "" if v is None else v for k, v in vars(args).items()})
+    settings = Settings(**{**vars(args), "max_kld": None if args.max_kld == "" else args.max_kld})
+    return evaluate(settings, vars(args))
 
 
 if __name__ == "__main__":

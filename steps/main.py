@@ -185,7 +185,7 @@ def main(args) -> dict:
             up["onnx"] = ",".join(client.get_run(r.run_id).data.tags[tags.MODEL_URI] for r in onnx)
             step = "evaluate"
             # The champion evaluate challenges is one of its inputs: a moved alias runs it again.
-            holder, _ = registry.alias_tags(client, values["registered_model_name"], values["alias"])
+            holder = registry.alias_holder(client, values["registered_model_name"], values["alias"])
             challenged = {"champion": f"{values['registered_model_name']}@{values['alias']}={holder or 'none'}"}
             evaluated = chain.run(step, step_params(step, values, up), extra_inputs=challenged)
             up["eval"] = evaluated.run_id

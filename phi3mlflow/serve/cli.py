@@ -24,7 +24,8 @@ def parser(prog: str = "python -m phi3mlflow.serve", description: str | None = N
     p.add_argument("model_uri", nargs="?", default=None,
                    help=f"models:/<name>@<alias> (default {DEFAULT_MODEL_URI}), models:/<name>/<version>, "
                         "models:/m-..., runs:/...")  # fmt: skip
-    p.add_argument("--model_uri", "--model-uri", dest="model_uri_flag", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model_uri", "--model-uri", dest="model_uri_flag", default=None,
+                   help="the same as the positional model_uri (the MLproject's spelling)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=positive_int, default=8080)
     p.add_argument("--model_name", "--model-name", default="", help="the id /v1/models reports (default: the URI)")

@@ -247,11 +247,11 @@ class Chain:
         memory) cannot, so its signal or exit status is recorded here, on its run and in the error."""
         try:
             ok = submitted.wait()
-        except BaseException:
-            # The step records its own cancellation (its signal) as it stops; end its run if it could not.
+        except BaseException as e:
+            # The step records its own cancellation as it stops (cancel waits for it); where it could
+            # not (stopped before its handler ran), the chain's cause ("cancelled by SIGTERM") goes on.
             submitted.cancel()
-            if self.client.get_run(submitted.run_id).info.status == "RUNNING":
-                self.client.set_terminated(submitted.run_id, "FAILED")
+            self._end(submitted.run_id, str(e) or f"the chain was cancelled ({type(e).__name__})")
             raise
         if ok:
             self._end(submitted.run_id, None)

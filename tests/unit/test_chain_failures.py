@@ -72,8 +72,14 @@ def test_a_cancelled_chain_stops_its_step_and_ends_its_run():
     client, launched = Client({}), Launched(0, interrupt=True)
     with pytest.raises(KeyboardInterrupt):
         chain(client)._wait("evaluate", launched)
-    # The step records its own cause as it stops (its signal): the chain only ends a run left open.
-    assert launched.cancelled and client.status == "FAILED" and tags.ERROR not in client.tags
+    assert launched.cancelled and client.status == "FAILED" and "KeyboardInterrupt" in client.tags[tags.ERROR]
+
+
+def test_a_cancelled_step_keeps_the_cause_it_recorded_itself():
+    client, launched = Client({tags.ERROR: "cancelled by SIGTERM"}), Launched(0, interrupt=True)
+    with pytest.raises(KeyboardInterrupt):
+        chain(client)._wait("evaluate", launched)
+    assert client.tags[tags.ERROR] == "cancelled by SIGTERM"
 
 
 def test_a_step_that_succeeded_but_left_its_run_open_is_ended():

@@ -100,7 +100,9 @@ def main(args) -> dict:
 
         holder, _ = registry.alias_tags(client, name, args.alias)
         if holder == version:
-            decision = registry.Decision(False, f"@{args.alias} already points to version {version}")
+            # Said when the holder itself now misses the goals: an operator must hear of it.
+            missed = "" if choice.passes else f", which now misses the goals: {choice.reason}"
+            decision = registry.Decision(False, f"@{args.alias} already points to version {version}{missed}")
         else:
             decision = registry.gate(summary, choice, args.force, holder)
         champion = holder or ""

@@ -21,48 +21,42 @@ def small_csv(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def evaluate_onnx(mlflow_run, int4_run, small_csv):
-    def run(**params):
-        params = {"onnx_model_uris": int4_run.run.data.tags["model_uri"], "dataset": str(small_csv), **params}
+def evaluations(mlflow_run, int4_run, chat_run, small_csv):
+    """``evaluate(wrapper, **params)``: an evaluate run of the int4 model (``onnx``) or of the
+    transformers model (``chat``: another logged model than good_eval's, so a version of its own)."""
+    given = {"onnx": ("onnx_model_uris", int4_run), "chat": ("chat_model_uri", chat_run)}
+
+    def run(wrapper: str, **params):
+        param, model_run = given[wrapper]
+        params = {param: model_run.run.data.tags["model_uri"], "dataset": str(small_csv), **params}
         return mlflow_run("evaluate", params, experiment="register").run_id
 
     return run
 
 
 @pytest.fixture(scope="module")
-def good_eval(evaluate_onnx):
-    return evaluate_onnx()
+def good_eval(evaluations):
+    return evaluations("onnx")
 
 
 @pytest.fixture(scope="module")
-def evaluate_chat(mlflow_run, chat_run, small_csv):
-    """Evaluations of the transformers model: another logged model than good_eval's, so a version of its own."""
-
-    def run(**params):
-        params = {"chat_model_uri": chat_run.run.data.tags["model_uri"], "dataset": str(small_csv), **params}
-        return mlflow_run("evaluate", params, experiment="register").run_id
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def poor_eval(evaluate_chat):
+def poor_eval(evaluations):
     # Three tokens cannot hold "Rome" after "The capital of": accuracy 0, below min_accuracy 0.5.
-    return evaluate_chat(max_new_tokens=3, min_accuracy=0.5)
+    return evaluations("chat", max_new_tokens=3, min_accuracy=0.5)
 
 
 @pytest.fixture(scope="module")
-def poor_ungated_eval(evaluate_chat):
+def poor_ungated_eval(evaluations):
     # The same answers with no accuracy goal: it wins its evaluation.
-    return evaluate_chat(max_new_tokens=3, min_accuracy=0.0)
+    return evaluations("chat", max_new_tokens=3, min_accuracy=0.0)
 
 
 @pytest.fixture(scope="module")
-def weaker_eval(evaluate_chat, small_csv):
+def weaker_eval(evaluations, small_csv):
     """The transformers model on small.csv plus a question it cannot answer: it passes a min_accuracy of 0.5."""
     path = small_csv.parent / "weaker.csv"
     path.write_text(small_csv.read_text() + "What is the capital of Atlantis?,Poseidonia\n")
-    return evaluate_chat(dataset=str(path), min_accuracy=0.5)
+    return evaluations("chat", dataset=str(path), min_accuracy=0.5)
 
 
 def _register(mlflow_run, eval_run_id, name, **params):

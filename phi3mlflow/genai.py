@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3mlflow.batching import BatchLoop, GenerationRequest, start_generator
+from phi3mlflow.chat_text import ConversationText
 from phi3mlflow.errors import InvalidRequest
 from phi3mlflow.serve.protocol import check_text
 
@@ -89,6 +90,17 @@ def _as_bool(v, name):
     raise InvalidRequest(name, f"must be true or false, got {v!r}")
 
 
+def special_tokens(folder: Path) -> list[str]:
+    """The text of every special token the folder's tokenizer.json declares."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return []
+    added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens") or []
+    return [
+        t["content"] for t in added if isinstance(t, dict) and t.get("special") and isinstance(t.get("content"), str)
+    ]
+
+
 def default_threads() -> int:
     """All cores this process may use; ORT GenAI would otherwise run on one intra-op thread."""
     try:
@@ -132,6 +144,8 @@ class GenAIChat:
             json.dumps([{"role": "user", "content": SENTINEL}]), add_generation_prompt=True
         )
         self.user_marker = probe.split(SENTINEL, 1)[0].strip()
+        self.conversation = ConversationText(self._render, lambda text: list(self.tokenizer.encode(text)),
+                                             special_tokens(self.folder))  # fmt: skip
         self._batcher: BatchLoop | None = None
         self._batcher_lock = threading.Lock()
 
@@ -146,12 +160,15 @@ class GenAIChat:
             return self._batcher
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation (checked by phi3mlflow.serve.protocol) as ids, through the model's chat template."""
+        """A conversation (checked by phi3mlflow.serve.protocol) as ids, through the model's chat
+        template; what the messages say is encoded as text, never as special tokens (phi3mlflow/chat_text.py)."""
+        return self.conversation.encode_conversation(messages)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
         try:
-            text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - ORT GenAI raises plain RuntimeErrors
             raise InvalidRequest("messages", f"the model's chat template refused them: {e}") from None
-        return list(self.tokenizer.encode(text))
 
     def format_prompt(self, prompt: str) -> str:
         if self.user_marker and self.user_marker in prompt:

@@ -1,20 +1,25 @@
 """How each wrapper answers a checked chat request, as a stream of the batching loop's events.
 
 ``OnnxBackend`` hands the request to the ONNX pyfunc's batching loop (concurrent requests batched,
-each cancellable); ``PipelineBackend`` calls the transformers llm/v1/chat pyfunc one request at a
-time (its pipeline is not safe to call from several threads) and yields its answer as one Delta
-(the flavor has no token stream)."""
+each cancellable); ``PipelineBackend`` generates with the transformers llm/v1/chat model's own
+model and tokenizer one request at a time (``SerialWorker``: the same admission limit, a request
+whose client left is skipped or stopped) and yields its answer as one Delta."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
-from phi3mlflow.batching import Delta, Done, Event, GenerationRequest, truncate_at_stop
-from phi3mlflow.errors import InputError, InvalidRequest
+from phi3mlflow.batching import MAX_WAITING, Delta, Done, Event, Failed, GenerationRequest, truncate_at_stop
+from phi3mlflow.chat_text import ConversationText
+from phi3mlflow.errors import InputError, InvalidRequest, Overloaded
 from phi3mlflow.serve import protocol
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,50 +48,133 @@ class OnnxBackend:
         return self.batcher.aevents(prepared.generation)
 
 
+class SerialWorker:
+    """One generation at a time on a thread of its own, for a model that is not safe to call from
+    several threads: at most ``max_waiting`` requests queue (more get Overloaded, a 503), and a
+    request whose client went away before its turn is skipped (its ``cancelled`` is set)."""
+
+    def __init__(self, max_waiting: int = MAX_WAITING):
+        self.max_waiting = max_waiting
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi3mlflow-generate")
+        self.pending = 0  # queued or running; changed under `counting`
+        self.counting = threading.Lock()
+        self.skipped = 0  # requests whose client left before their turn
+
+    async def run(self, work: Callable[[], T], cancelled: threading.Event) -> T | None:
+        """``work()``'s result, or None when ``cancelled`` was set before its turn."""
+        with self.counting:
+            if self.pending >= self.max_waiting:
+                raise Overloaded(f"{self.pending} requests are in progress or waiting; try again shortly")
+            self.pending += 1
+
+        def turn() -> T | None:
+            try:
+                if cancelled.is_set():
+                    self.skipped += 1
+                    return None
+                return work()
+            finally:
+                with self.counting:
+                    self.pending -= 1
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, turn)
+
+
 class PipelineBackend:
-    """The transformers llm/v1/chat model through its pyfunc, one request at a time."""
+    """The transformers llm/v1/chat model: its pipeline's model and tokenizer generate here, one
+    request at a time behind the same admission limit as the ONNX model's loop (a 503 beyond it);
+    a client that goes away stops its generation at the next token. What the messages say is
+    encoded as text (phi3mlflow/chat_text.py); greedy answers are the pyfunc's (the same templated
+    ids, the same decoding), and ``temperature`` > 0 samples with ``top_p``."""
 
     wrapper = "chat"
 
-    def __init__(self, pyfunc_model):
-        self.model = pyfunc_model
+    def __init__(self, pyfunc_model, max_waiting: int = MAX_WAITING):
         pipe = pyfunc_model.get_raw_model()
-        self.tokenizer = pipe.tokenizer
-        self.context_length = int(getattr(pipe.model.config, "max_position_embeddings", 0) or 0) or None
-        self.default_max_tokens = int((pyfunc_model.model_config or {}).get("max_new_tokens", 64))
-        self.lock = threading.Lock()
+        self.model, self.tokenizer = pipe.model, pipe.tokenizer
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
+        config = dict(pyfunc_model.model_config or {})
+        self.default_max_tokens = int(config.get("max_new_tokens", 64))
+        self.default_temperature = float(config.get("temperature", 1.0)) if config.get("do_sample") else 0.0
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else min(self.eos, default=0)
+        specials = set(self.tokenizer.all_special_tokens)
+        specials |= {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        self.conversation = ConversationText(self._render, self._encode, sorted(specials))
+        self.worker = SerialWorker(max_waiting)
+
+    def _render(self, messages: list[dict]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template error is the request's
+            raise InvalidRequest("messages", f"the model's chat template refused them: {e}") from None
+
+    def _encode(self, text: str) -> list[int]:
+        # As the llm/v1/chat pipeline tokenizes the templated text: no special tokens added.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prepare(self, body) -> Prepared:
         request = protocol.parse(body, self.context_length)
         max_tokens = request.max_tokens or self.default_max_tokens
-        try:
-            text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # noqa: BLE001 - a template error is the request's
-            raise InvalidRequest("messages", f"the model's chat template refused them: {e}") from None
-        prompt_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = self.conversation.encode_conversation(request.messages)
         if self.context_length:
-            protocol.check_length(prompt_tokens, max_tokens, self.context_length)
-        generation = GenerationRequest([], max_tokens, request.temperature or 0.0, request.top_p or 1.0, request.stop)
+            protocol.check_length(len(ids), max_tokens, self.context_length)
+        temperature = self.default_temperature if request.temperature is None else request.temperature
+        generation = GenerationRequest(ids, max_tokens, temperature, request.top_p or 1.0, request.stop)
         return Prepared(request, generation)
 
-    def _predict(self, prepared: Prepared) -> dict:
-        body: dict = {"messages": prepared.request.messages, "max_tokens": prepared.generation.max_tokens}
-        for name in ("temperature", "top_p"):
-            if getattr(prepared.request, name) is not None:
-                body[name] = getattr(prepared.request, name)
-        # No "stop" for the flavor: MLflow's llm/v1/chat pipeline would reload the tokenizer by the
-        # model's name to honour it (a hub download); events() cuts the answer at the stop strings.
-        with self.lock:
-            [out] = self.model.predict(body)
-        return out
+    def _generate(self, g: GenerationRequest, cancelled: threading.Event) -> tuple[str, str, int]:
+        """(text, finish reason, completion tokens) of one generation, stopped early when
+        ``cancelled`` is set or a stop string appears."""
+        import torch  # heavy: loaded with the model
+        from transformers import StoppingCriteria, StoppingCriteriaList  # heavy: as above
+
+        prompt = len(g.ids)
+        decode = self.tokenizer.decode
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = cancelled.is_set()
+                if not done and g.stop:
+                    # The window of tokens the longest stop string can span (a token is one character or more).
+                    tail = decode(input_ids[0, max(prompt, input_ids.shape[1] - protocol.MAX_STOP_CHARS - 8) :])
+                    done = any(s in tail for s in g.stop)
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+        search = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.temperature > 0 else {
+            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # fmt: skip
+        input_ids = torch.tensor([g.ids], dtype=torch.long)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=g.max_tokens,
+                                      stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=self.pad_token_id,
+                                      **search)  # fmt: skip
+        new = out[0, prompt:].tolist()
+        text = decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True).lstrip()
+        text, stopped = truncate_at_stop(text, g.stop)
+        ended = stopped or bool(new and new[-1] in self.eos)
+        return text, "stop" if ended or len(new) < g.max_tokens else "length", len(new)
 
     async def events(self, prepared: Prepared) -> AsyncIterator[Event]:
-        out = await asyncio.to_thread(self._predict, prepared)
-        choice = out["choices"][0]
-        text, stopped = truncate_at_stop(choice["message"]["content"] or "", prepared.generation.stop)
-        yield Delta(text)
-        reason = "stop" if stopped else choice.get("finish_reason") or "stop"
-        yield Done(reason, int(out["usage"]["prompt_tokens"]), int(out["usage"]["completion_tokens"]))
+        cancelled = threading.Event()
+        g = prepared.generation
+        try:
+            try:
+                out = await self.worker.run(lambda: self._generate(g, cancelled), cancelled)
+            except Overloaded:
+                raise
+            except Exception as e:  # noqa: BLE001 - a failed generation is the server's, said as a 500
+                said = str(e).strip()
+                yield Failed(f"generation failed: {said.splitlines()[0][:300] if said else type(e).__name__}")
+                return
+            if out is None:
+                return
+            text, reason, completion_tokens = out
+            yield Delta(text)
+            yield Done(reason, len(g.ids), completion_tokens)
+        finally:
+            cancelled.set()  # a client that left stops its generation at the next token, or before it starts
 
 
 Backend = OnnxBackend | PipelineBackend

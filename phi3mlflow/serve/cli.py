@@ -11,6 +11,7 @@ import urllib.request
 from phi3mlflow.cli import StepParser, positive_int, true_false
 from phi3mlflow.errors import InputError
 from phi3mlflow.serve.backends import backend_for
+from phi3mlflow.serve.limits import HEADER_TIMEOUT_S, MAX_BODY_BYTES, header_timeout_protocol
 from phi3mlflow.serve.tracing import RequestTrace, link_to_model, traced
 
 DEFAULT_MODEL_URI = "models:/phi3-chat@champion"
@@ -31,6 +32,12 @@ def parser(prog: str = "python -m phi3mlflow.serve", description: str | None = N
     p.add_argument("--model_name", "--model-name", default="", help="the id /v1/models reports (default: the URI)")
     p.add_argument("--trace", type=true_false, nargs="?", const=True, default=False,
                    help="true/false: an MLflow trace per chat completion (off by default)")  # fmt: skip
+    p.add_argument("--max-body-bytes", "--max_body_bytes", dest="max_body_bytes", type=positive_int,
+                   default=MAX_BODY_BYTES, help=f"the largest request body, in bytes (default {MAX_BODY_BYTES}): "
+                   "a larger one is a 413")  # fmt: skip
+    p.add_argument("--header-timeout", "--header_timeout", dest="header_timeout", type=positive_float,
+                   default=HEADER_TIMEOUT_S, help="seconds a connection may take to send its request headers "
+                   f"(default {HEADER_TIMEOUT_S:g}); a slower one is closed")  # fmt: skip
     return p
 
 
@@ -38,6 +45,16 @@ def parse_args(argv=None, prog: str = "python -m phi3mlflow.serve", description:
     args = parser(prog, description).parse_args(argv)
     args.model_uri = args.model_uri_flag or args.model_uri or DEFAULT_MODEL_URI
     return args
+
+
+def positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return x
 
 
 def tracking_unreachable(timeout_s: float = 3.0) -> str:
@@ -55,7 +72,7 @@ def tracking_unreachable(timeout_s: float = 3.0) -> str:
         return f"the tracking server {uri} does not answer ({' '.join(str(e).split())[:120]})"
 
 
-def build_app(pyfunc_model, model_name: str, trace: bool = False):
+def build_app(pyfunc_model, model_name: str, trace: bool = False, max_body_bytes: int = MAX_BODY_BYTES):
     """The app for a loaded pyfunc: the OpenAI routes, MLflow's scoring app behind them, and
     ``trace``: an MLflow trace per chat completion, linked to the model."""
     from mlflow.pyfunc import scoring_server  # heavy: MLflow, imported with the model
@@ -73,10 +90,11 @@ def build_app(pyfunc_model, model_name: str, trace: bool = False):
         def wrap(body, events):
             return traced(events, RequestTrace(body, backend.wrapper))
 
-    return create_app(backend, model_name, scoring_server.init(pyfunc_model), wrap)
+    return create_app(backend, model_name, scoring_server.init(pyfunc_model), wrap, max_body_bytes)
 
 
-def serve(model_uri: str, host: str, port: int, model_name: str = "", trace: bool = False) -> None:
+def serve(model_uri: str, host: str, port: int, model_name: str = "", trace: bool = False,
+          max_body_bytes: int = MAX_BODY_BYTES, header_timeout: float = HEADER_TIMEOUT_S) -> None:  # fmt: skip
     import mlflow  # heavy: every import below loads a model or a web server
     import uvicorn  # heavy: as above
 
@@ -84,14 +102,16 @@ def serve(model_uri: str, host: str, port: int, model_name: str = "", trace: boo
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - any failure to load is the URI's
         raise InputError("model_uri", f"cannot load {model_uri!r}: {str(e).strip().splitlines()[0][:300]}") from None
-    app = build_app(model, model_name or model_uri, trace)
+    app = build_app(model, model_name or model_uri, trace, max_body_bytes)
     print(f"serving {model_uri} ({app.state.backend.wrapper} wrapper) on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                http=header_timeout_protocol(header_timeout))  # fmt: skip
 
 
 def main(argv=None, prog: str = "python -m phi3mlflow.serve", description: str | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv, prog, description)
     try:
-        serve(args.model_uri, args.host, args.port, args.model_name, args.trace)
+        serve(args.model_uri, args.host, args.port, args.model_name, args.trace, args.max_body_bytes,
+              args.header_timeout)  # fmt: skip
     except InputError as e:
         sys.exit(f"error: {e}")

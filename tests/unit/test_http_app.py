@@ -123,7 +123,8 @@ def test_models_lists_the_served_model():
 def _complete(http, first, events):
     """app._complete for a one-message request, the way the chat route calls it."""
     request = protocol.parse({"messages": [{"role": "user", "content": "Hi"}]}, None)
-    return app_module._complete(http, first, events, Prepared(request, GenerationRequest([], 1)), "m")
+    prepared = Prepared(request, GenerationRequest([], 1))
+    return app_module._complete(app_module._Watch(http, events), first, prepared, "m")
 
 
 class _StillThere:

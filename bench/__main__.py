@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import figures as fig
+from bench import hostile, operations
 
 TARGETS = {
     "onnx_overhead_fp32": ("<=", 1.05),
@@ -37,6 +38,10 @@ TARGETS = {
     "cache_rerun_ratio": ("<=", 0.10),
     "serve_vs_inprocess": ("<=", 1.2),
     "serve_concurrency_throughput": (">=", 2.0),
+    # tokens/s with /metrics / without (bench/operations.py).
+    "metrics_cost": (">=", 0.98),
+    # p95 latency in a window where @champion moves and the server swaps / in a window without.
+    "alias_swap_cost": ("<=", 2.0),
 }
 # On the real model (--model smollm2); the quick mode runs them on the tiny model so they cannot rot.
 REAL_TARGETS = {
@@ -44,6 +49,8 @@ REAL_TARGETS = {
     "real_onnx_overhead_int4": ("<=", 1.05),
     "eval_batch_speedup": (">=", 2.0),
     "real_serve_concurrency_throughput": (">=", 2.0),
+    # a normal request's latency with a hostile client at work / alone (bench/hostile.py).
+    "hostile_request_slowdown": ("<=", 2.0),
 }
 REAL_REPORTED = ("real_noise_floor_int4",)
 # Figures with no target: the A/A control that says how much of a ratio is the machine's noise, and
@@ -134,6 +141,7 @@ def main(args) -> dict:
             # Each side asks 32 questions for seconds: fewer pairs say as much.
             ("eval_batch_speedup", lambda: fig.eval_batch_speedup(setup, args.pairs if args.quick else 3)),
             ("real_serve_concurrency_throughput", lambda: fig.serve_concurrency_throughput(setup, args.pairs)),
+            ("hostile_request_slowdown", lambda: hostile.hostile_request_slowdown(setup, args.pairs)),
         )
         main_figures = (
             ("onnx_overhead_fp32", lambda: fig.onnx_overhead(setup, "fp32", overhead_pairs)),
@@ -145,6 +153,8 @@ def main(args) -> dict:
             ("cache_rerun_ratio", lambda: fig.cache_rerun(setup, max(1, min(args.pairs, 5)))),
             ("serve_vs_inprocess", lambda: fig.serve_vs_inprocess(setup, max(5, args.pairs * 3))),
             ("serve_concurrency_throughput", lambda: fig.serve_concurrency_throughput(setup, args.pairs)),
+            ("metrics_cost", lambda: operations.metrics_cost(setup, args.pairs)),
+            ("alias_swap_cost", lambda: operations.alias_swap_cost(setup, args.pairs)),
         )
         chosen = real_figures if real else main_figures + real_figures if args.quick else main_figures
         if args.only:

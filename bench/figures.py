@@ -453,7 +453,7 @@ def _stream_chat(port: int, prompt: str, max_tokens: int) -> int:
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}  # fmt: skip
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     response, tokens = conn.getresponse(), 0
     for line in response:

@@ -37,6 +37,8 @@ import numpy as np
 from phi3mlflow.errors import Overloaded
 
 MAX_WAITING = 64
+# ORT GenAI's random_seed takes 0 .. 2**31 - 2; a request's seed (any integer) is taken modulo this.
+SEED_RANGE = 2_147_483_647
 GATHER_S = 0.02
 
 __all__ = ["BatchLoop", "Cancel", "Delta", "Done", "Failed", "GenerationRequest", "Overloaded", "Submit"]
@@ -51,6 +53,7 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    seed: int | None = None  # sampling only: the same seed gives the same answer (decoded alone)
 
 
 @dataclass(frozen=True)
@@ -108,15 +111,19 @@ def held_back(text: str, stop: list[str]) -> int:
     return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-def start_generator(og, model, ids, max_length: int, temperature: float = 0.0, top_p: float = 1.0):
+def start_generator(og, model, ids, max_length: int, temperature: float = 0.0, top_p: float = 1.0,
+                    seed: int | None = None):  # fmt: skip
     """The one ORT GenAI generator setup: ``ids`` (one prompt, or rows of one length, right-padded)
-    appended, greedy when ``temperature`` is 0, sampling with ``temperature`` and ``top_p`` otherwise."""
+    appended, greedy when ``temperature`` is 0, sampling with ``temperature`` and ``top_p`` otherwise
+    (from ``seed``, when given)."""
     rows = np.asarray(ids, dtype=np.int32)
     if rows.ndim == 1:
         rows = rows[None, :]
     search: dict[str, int | float | bool] = {"max_length": max_length, "batch_size": int(rows.shape[0])}
     if temperature > 0:
         search.update(do_sample=True, temperature=temperature, top_p=top_p)
+        if seed is not None:
+            search["random_seed"] = seed % SEED_RANGE
     else:
         search.update(do_sample=False)
     params = og.GeneratorParams(model)
@@ -161,6 +168,9 @@ class BatchLoop:
         # Batches decoded so far and the tickets of the last one: what the fast tests assert batching on.
         self.batches = 0
         self.last_batch: tuple[int, ...] = ()
+        # Told each batch's size as it starts (the server's /metrics); called on the worker thread.
+        self.on_batch: Callable[[int], None] | None = None
+        self._closing = False
         self._thread = threading.Thread(target=self._main, name="og-batches", daemon=True)
         self._thread.start()
 
@@ -186,6 +196,19 @@ class BatchLoop:
 
     def cancel(self, ticket: int) -> None:
         self._inbox.put(Cancel(ticket))
+
+    def close(self) -> None:
+        """End the worker once nothing is waiting or decoding (a server that swapped to another
+        model version releases this one so); later submits fail."""
+        with self._count_lock:
+            self._closing = True
+            self._broken = self._broken or "this model was released"
+        self._inbox.put(Cancel(-1))  # wakes the worker
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Whether the worker has ended (within ``timeout`` s)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def complete_all(self, requests: list[GenerationRequest]) -> list[tuple[str, Done]]:
         """Every request's whole answer and its Done, submitted together so that they decode as batches
@@ -260,6 +283,8 @@ class BatchLoop:
     def _main(self) -> None:
         try:
             while True:
+                if self._closing and not self._waiting and not self._rows:
+                    return
                 if not self._waiting:
                     self._take(self._gather())
                 self._take(self._drain())
@@ -323,7 +348,10 @@ class BatchLoop:
             return []
 
         def sampling(request: GenerationRequest) -> tuple:
-            return (request.temperature, request.top_p) if request.temperature > 0 else (0.0, 1.0)
+            if request.temperature <= 0:
+                return (0.0, 1.0)
+            # A seeded request samples alone: rows of one batch draw from one random stream.
+            return (request.temperature, request.top_p, id(request) if request.seed is not None else None)
 
         key = sampling(self._waiting[0].request)
         batch: list[Submit] = []
@@ -348,13 +376,16 @@ class BatchLoop:
         self._rows = {row.ticket: row for row in rows}
         self.batches += 1
         self.last_batch = tuple(row.ticket for row in rows)
+        if self.on_batch is not None:
+            self.on_batch(len(rows))
         try:
             ids = np.full((len(rows), longest), self.pad, dtype=np.int32)
             for i, row in enumerate(rows):
                 ids[i, : len(row.request.ids)] = row.request.ids
             first = rows[0].request
             max_length = min(self.context_length, longest + max(r.request.max_tokens for r in rows))
-            generator = start_generator(self.og, self.model, ids, max_length, first.temperature, first.top_p)
+            generator = start_generator(self.og, self.model, ids, max_length, first.temperature, first.top_p,
+                                        first.seed)  # fmt: skip
             while not generator.is_done():
                 generator.generate_next_token()
                 for row, token in zip(rows, generator.get_next_tokens(), strict=True):

@@ -112,7 +112,7 @@ class OnnxChatModel(PythonModel):
         top_p = given.top_p if request.top_p is None else request.top_p
         ids = self.chat.encode_messages(request.messages)
         protocol.check_length(len(ids), max_tokens, self.chat.context_length)
-        return GenerationRequest(ids, max_tokens, temperature, top_p, request.stop)
+        return GenerationRequest(ids, max_tokens, temperature, top_p, request.stop, request.seed)
 
     def _chat_rows(self, model_input) -> list[dict] | None:
         """The rows of a chat request (a dict, or the DataFrame MLflow's schema check makes of it), or

@@ -21,7 +21,7 @@ def parse_args(argv=None):
 
 
 def main(args) -> None:
-    cli.serve(args.model_uri, args.host, args.port, args.model_name, args.trace)
+    cli.serve_args(args)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,24 @@ more requests than the batching loop takes get a 503 with Retry-After; a failed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from phi3mlflow.batching import Delta, Done, Event, Failed
 from phi3mlflow.errors import InvalidRequest, Overloaded
 from phi3mlflow.serve import protocol
+from phi3mlflow.serve.auth import RequireKey
 from phi3mlflow.serve.backends import Backend, Prepared
-from phi3mlflow.serve.limits import MAX_BODY_BYTES, BodyLimit, QuietErrors
+from phi3mlflow.serve.limits import BodyLimit, QuietErrors, error_body, send_json
+from phi3mlflow.serve.metrics import CountRequests, Metrics
+from phi3mlflow.serve.options import Options
+from phi3mlflow.serve.slot import Follower, ModelInfo, ModelSlot, Served
 
 # How often a request waiting for its answer checks whether its client is still there.
 DISCONNECT_POLL_S = 0.5
@@ -55,63 +61,130 @@ def _parse(raw: bytes):
         raise InvalidRequest("body", "nested too deeply") from None
 
 
-def create_app(backend: Backend, model_name: str, fallback=None, trace: Trace | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:  # fmt: skip
-    """The OpenAI routes over ``backend``; ``fallback`` (an ASGI app, MLflow's scoring app) answers
-    every other path, its errors trimmed (phi3mlflow.serve.limits.QuietErrors); ``trace(body,
-    events)`` wraps each completion's events when tracing; a body over ``max_body_bytes`` is a 413."""
-    app = FastAPI()
-    created = int(time.time())
-    quiet = QuietErrors(fallback) if fallback is not None else None
+def create_app(served: ModelSlot | Backend, model_name: str = "", fallback=None, trace: Trace | None = None,
+               options: Options | None = None, follower: Follower | None = None) -> FastAPI:  # fmt: skip
+    """The OpenAI routes over the slot's current model (or one fixed ``backend``, ``fallback`` the
+    ASGI app that answers every other path, MLflow's scoring app, its errors trimmed); ``trace(body,
+    events)`` wraps each completion's events when tracing; ``follower`` runs while the app does."""
+    if not isinstance(served, ModelSlot):
+        served = ModelSlot(Served(ModelInfo(model_name, model_name), served, fallback))
+    slot = served
+    options = options or Options()
+    metrics = Metrics() if options.metrics else None
 
-    def prepare(raw: bytes) -> tuple[dict, Prepared]:
-        body = _parse(raw)
-        return body, backend.prepare(body)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(follower.run()) if follower is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+
+    app = FastAPI(lifespan=lifespan)
+    created = int(time.time())
+
+    if metrics is not None:
+        metrics.serving(slot.current.info)
+        metrics.observe_batches(slot.current.backend, slot.current.info.fingerprint)
+        swap = slot.swap
+
+        def swap_and_count(new: Served) -> Served:
+            old = swap(new)
+            metrics.serving(new.info, old.info)
+            metrics.observe_batches(new.backend, new.info.fingerprint)
+            return old
+
+        slot.swap = swap_and_count  # type: ignore[method-assign]
+
+    def events_of(served: Served, prepared: Prepared, body: dict | None = None) -> AsyncIterator[Event]:
+        events = served.backend.events(prepared)
+        if trace is not None and body is not None:
+            events = trace(body, events)
+        if metrics is not None:
+            events = metrics.observed(events, served.info.fingerprint)
+        return events
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "phi3mlflow"}]}  # fmt: skip
+        info = slot.current.info
+        entry = {"id": info.id, "object": "model", "created": created, "owned_by": "phi3mlflow"}
+        return {"object": "list", "data": [{**entry, **{k: v for k, v in info.describe().items() if k != "id"}}]}
+
+    @app.get("/health")
+    async def health():
+        return slot.health()
+
+    if metrics is not None:
+
+        @app.get("/metrics")
+        async def prometheus():
+            data, content_type = metrics.exposition()
+            return Response(data, media_type=content_type)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
+        served = slot.acquire()
+        handed_on = False
         try:
-            # Parsing and tokenizing off the event loop: a long conversation costs its own request only.
-            body, prepared = await asyncio.to_thread(prepare, await http.body())
-        except InvalidRequest as e:
-            return error(400, str(e), param=e.param)
-        events = backend.events(prepared)
-        if trace is not None:
-            events = trace(body, events)
-        watch = _Watch(http, events)
-        try:
-            # The first event is awaited here, so an overloaded loop is a 503 rather than a broken stream.
-            first = await watch.next()
-        except Overloaded as e:
-            await watch.close()
-            return error(503, str(e), "overloaded", headers={"Retry-After": "1"})
-        if first is None:
-            await watch.close()
-            return JSONResponse({}, status_code=499)  # the client left before the first token
-        if prepared.request.stream:
-            return StreamingResponse(_sse(first, events, prepared, model_name), media_type="text/event-stream")
-        return await _complete(watch, first, prepared, model_name)
+            try:
+                # Parsing and tokenizing off the event loop: a long conversation costs its own request only.
+                body, prepared = await asyncio.to_thread(_prepare, served.backend, await http.body())
+            except InvalidRequest as e:
+                return error(400, str(e), param=e.param)
+            watch = _Watch(http, events_of(served, prepared, body))
+            try:
+                # The first event is awaited here, so an overloaded loop is a 503 rather than a broken stream.
+                first = await watch.next()
+            except Overloaded as e:
+                await watch.close()
+                if metrics is not None:
+                    metrics.rejected.labels(served.info.fingerprint).inc()
+                return error(503, str(e), "overloaded", headers={"Retry-After": "1"})
+            if first is None:
+                await watch.close()
+                return JSONResponse({}, status_code=499)  # the client left before the first token
+            name = prepared.request.model or served.info.id
+            if prepared.request.stream:
+                handed_on = True
+                stream = _sse(first, watch, name, served.info.fingerprint, lambda: slot.release(served),
+                              prepared.request.include_usage)  # fmt: skip
+                return StreamingResponse(stream, media_type="text/event-stream")
+            return await _complete(watch, first, name, served.info.fingerprint)
+        finally:
+            if not handed_on:
+                slot.release(served)
 
     @app.post("/invocations")
     async def invocations(http: Request):
+        served = slot.acquire()
+        response = None
+        try:
+            response = await _invocations(http, served)
+            return response
+        finally:
+            if isinstance(response, _Forward):
+                response.done = lambda: slot.release(served)  # once MLflow's app has answered
+            else:
+                slot.release(served)
+
+    async def _invocations(http: Request, served: Served):
         raw = await http.body()
+        quiet = QuietErrors(served.fallback) if served.fallback is not None else None
         if not _is_json(http.headers.get("content-type", "")) or quiet is None:
             return _Forward(quiet, raw) if quiet is not None else error(404, "no such route")
         try:
             rows, unwrapped = await asyncio.to_thread(_chat_rows, raw)
             if rows is None:
                 return _Forward(quiet, raw)  # a prompt request: MLflow's scoring app answers it
-            prepared = await asyncio.to_thread(_prepare_rows, backend, rows)
+            prepared = await asyncio.to_thread(_prepare_rows, served.backend, rows)
         except InvalidRequest as e:
             return _mlflow_error(400, "INVALID_PARAMETER_VALUE", str(e))
         try:
-            answers = await asyncio.gather(*(_answer(http, backend.events(p), p, model_name) for p in prepared))
+            answers = await asyncio.gather(*(_answer(http, events_of(served, p), p, served.info) for p in prepared))
         except Overloaded as e:
+            if metrics is not None:
+                metrics.rejected.labels(served.info.fingerprint).inc()
             return _mlflow_error(503, "TEMPORARILY_UNAVAILABLE", f"the model is busy: {e}", {"Retry-After": "1"})
         if any(a is None for a in answers):
             return JSONResponse({}, status_code=499)
@@ -120,13 +193,39 @@ def create_app(backend: Backend, model_name: str, fallback=None, trace: Trace | 
             return _mlflow_error(500, "INTERNAL_ERROR", failed[0])
         return JSONResponse(answers if unwrapped else {"predictions": answers})
 
-    if quiet is not None:
-        # Not a mount at "/": that would match every path first and turn the OpenAI routes'
-        # trailing-slash redirects and 405s into 404s.
-        app.router.default = quiet
-    app.state.backend = backend
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    async def current_fallback(scope, receive, send):
+        """MLflow's scoring app of the version current when the request came (/ping, /version, ...)."""
+        served = slot.acquire()
+        try:
+            if served.fallback is None:
+                await send_json(send, 404, error_body(404, "no such route", "invalid_request_error"))
+            else:
+                await QuietErrors(served.fallback)(scope, receive, send)
+        finally:
+            slot.release(served)
+
+    # Not a mount at "/": that would match every path first and turn the OpenAI routes'
+    # trailing-slash redirects and 405s into 404s.
+    app.router.default = current_fallback
+    app.state.slot = slot
+    app.state.follower = follower
+    app.state.metrics = metrics
+    # Added innermost first: the count sees every answer (401s and 413s too), CORS answers
+    # preflights before the key is asked for, the key is checked before the body is read.
+    app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)
+    if options.api_key:
+        app.add_middleware(RequireKey, key=options.api_key)
+    if options.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+    if metrics is not None:
+        app.add_middleware(CountRequests, metrics=metrics)
     return app
+
+
+def _prepare(backend, raw: bytes) -> tuple[dict, Prepared]:
+    body = _parse(raw)
+    return body, backend.prepare(body)
 
 
 def _is_json(content_type: str) -> bool:
@@ -194,7 +293,7 @@ def _prepare_rows(backend: Backend, rows: list) -> list[Prepared]:
     return prepared
 
 
-async def _answer(http: Request, events, prepared: Prepared, model_name: str) -> dict | str | None:
+async def _answer(http: Request, events, prepared: Prepared, info: ModelInfo) -> dict | str | None:
     """One row's chat.completion, its failure's message, or None when the client left."""
     watch = _Watch(http, events)
     try:
@@ -208,8 +307,9 @@ async def _answer(http: Request, events, prepared: Prepared, model_name: str) ->
             elif isinstance(event, Failed):
                 return event.message
             elif isinstance(event, Done):
-                return protocol.completion(prepared.request.model or model_name, "".join(parts), event.finish_reason,
-                                           event.prompt_tokens, event.completion_tokens)  # fmt: skip
+                return protocol.completion(prepared.request.model or info.id, "".join(parts), event.finish_reason,
+                                           event.prompt_tokens, event.completion_tokens,
+                                           fingerprint=info.fingerprint)  # fmt: skip
     finally:
         await watch.close()
 
@@ -221,6 +321,7 @@ class _Forward(Response):
         super().__init__()
         self.asgi = asgi
         self.raw = body
+        self.done: Callable[[], None] | None = None
 
     async def __call__(self, scope, receive, send):
         replayed = False
@@ -232,7 +333,11 @@ class _Forward(Response):
                 return {"type": "http.request", "body": self.raw, "more_body": False}
             return await receive()
 
-        await self.asgi(scope, replay, send)
+        try:
+            await self.asgi(scope, replay, send)
+        finally:
+            if self.done is not None:
+                self.done()
 
 
 class _Watch:
@@ -265,7 +370,7 @@ class _Watch:
         await self.events.aclose()  # cancels the generation if it is still running
 
 
-async def _complete(watch: _Watch, first: Event, prepared: Prepared, model_name: str):
+async def _complete(watch: _Watch, first: Event, name: str, fingerprint: str | None = None):
     parts: list[str] = []
     event: Event | None = first
     try:
@@ -277,37 +382,44 @@ async def _complete(watch: _Watch, first: Event, prepared: Prepared, model_name:
             elif isinstance(event, Failed):
                 return error(500, event.message, "server_error")
             elif isinstance(event, Done):
-                name = prepared.request.model or model_name
-                return JSONResponse(protocol.completion(name, "".join(parts), event.finish_reason,
-                                                        event.prompt_tokens, event.completion_tokens))  # fmt: skip
+                return JSONResponse(protocol.completion(name, "".join(parts), event.finish_reason, event.prompt_tokens,
+                                                        event.completion_tokens, fingerprint=fingerprint))  # fmt: skip
             event = await watch.next()
     finally:
         await watch.close()
 
 
-async def _sse(first: Event, events, prepared: Prepared, model_name: str):
+async def _sse(first: Event, watch: _Watch, name: str, fingerprint: str | None = None, done=None,
+               include_usage: bool = False):  # fmt: skip
     id, created = protocol.new_id(), int(time.time())
-    name = prepared.request.model or model_name
 
     def data(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    def chunk(delta: dict, finish_reason: str | None = None, usage: dict | None = None) -> str:
+        return data(protocol.chunk(id, name, created, delta, finish_reason, usage, fingerprint))
+
     try:
-        yield data(protocol.chunk(id, name, created, {"role": "assistant", "content": ""}))
+        yield chunk({"role": "assistant", "content": ""})
         event = first
         while True:
             if isinstance(event, Delta):
                 if event.text:
-                    yield data(protocol.chunk(id, name, created, {"content": event.text}))
+                    yield chunk({"content": event.text})
             elif isinstance(event, Failed):
                 yield data({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
                 break
             elif isinstance(event, Done):
-                usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                         "total_tokens": event.prompt_tokens + event.completion_tokens}  # fmt: skip
-                yield data(protocol.chunk(id, name, created, {}, event.finish_reason, usage))
+                yield chunk({}, event.finish_reason)
+                if include_usage:  # as OpenAI sends it: a chunk of its own, no choices
+                    yield data(protocol.usage_chunk(id, name, created, event.prompt_tokens, event.completion_tokens,
+                                                    fingerprint))  # fmt: skip
                 break
-            event = await anext(events)
+            event = await anext(watch.events)
         yield "data: [DONE]\n\n"
     finally:
-        await events.aclose()  # a disconnected client lands here: cancel its generation
+        try:
+            await watch.close()  # a disconnected client lands here: cancel its generation
+        finally:
+            if done is not None:
+                done()

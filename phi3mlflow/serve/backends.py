@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from phi3mlflow.batching import MAX_WAITING, Delta, Done, Event, Failed, GenerationRequest, truncate_at_stop
+from phi3mlflow.batching import MAX_WAITING, SEED_RANGE, Delta, Done, Event, Failed, GenerationRequest, truncate_at_stop
 from phi3mlflow.chat_text import ConversationText
 from phi3mlflow.errors import InputError, InvalidRequest, Overloaded
 from phi3mlflow.serve import protocol
@@ -46,6 +46,12 @@ class OnnxBackend:
 
     def events(self, prepared: Prepared) -> AsyncIterator[Event]:
         return self.batcher.aevents(prepared.generation)
+
+    def close(self) -> None:
+        """End the batching loop (once idle) and drop the model: a swapped-out version's release."""
+        self.batcher.close()
+        self.batcher.join(timeout=30)
+        self.model = None
 
 
 class SerialWorker:
@@ -105,6 +111,11 @@ class PipelineBackend:
         self.conversation = ConversationText(self._render, self._encode, sorted(specials))
         self.worker = SerialWorker(max_waiting)
 
+    def close(self) -> None:
+        """Drop the model once the generation in progress (if any) ends: a swapped-out version's release."""
+        self.worker.executor.shutdown(wait=True)
+        self.model = None
+
     def _render(self, messages: list[dict]) -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -122,7 +133,7 @@ class PipelineBackend:
         if self.context_length:
             protocol.check_length(len(ids), max_tokens, self.context_length)
         temperature = self.default_temperature if request.temperature is None else request.temperature
-        generation = GenerationRequest(ids, max_tokens, temperature, request.top_p or 1.0, request.stop)
+        generation = GenerationRequest(ids, max_tokens, temperature, request.top_p or 1.0, request.stop, request.seed)
         return Prepared(request, generation)
 
     def _generate(self, g: GenerationRequest, cancelled: threading.Event) -> tuple[str, str, int]:
@@ -146,6 +157,8 @@ class PipelineBackend:
         search = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.temperature > 0 else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # fmt: skip
         input_ids = torch.tensor([g.ids], dtype=torch.long)
+        if g.temperature > 0 and g.seed is not None:
+            torch.manual_seed(g.seed % SEED_RANGE)  # one generation at a time: the draws are this request's
         with torch.inference_mode():
             out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=g.max_tokens,
                                       stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=self.pad_token_id,

@@ -8,10 +8,14 @@ import argparse
 import sys
 import urllib.request
 
+from phi3mlflow import tags
 from phi3mlflow.cli import StepParser, positive_int, true_false
 from phi3mlflow.errors import InputError
+from phi3mlflow.serve import auth
 from phi3mlflow.serve.backends import backend_for
 from phi3mlflow.serve.limits import HEADER_TIMEOUT_S, MAX_BODY_BYTES, header_timeout_protocol
+from phi3mlflow.serve.options import Options
+from phi3mlflow.serve.slot import Follower, ModelInfo, ModelSlot, Served
 from phi3mlflow.serve.tracing import RequestTrace, link_to_model, traced
 
 DEFAULT_MODEL_URI = "models:/phi3-chat@champion"
@@ -27,7 +31,8 @@ def parser(prog: str = "python -m phi3mlflow.serve", description: str | None = N
                         "models:/m-..., runs:/...")  # fmt: skip
     p.add_argument("--model_uri", "--model-uri", dest="model_uri_flag", default=None,
                    help="the same as the positional model_uri (the MLproject's spelling)")  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--host", default=None, help="the address to listen on (default 127.0.0.1, this machine only; "
+                   "0.0.0.0: every interface)")  # fmt: skip
     p.add_argument("--port", type=positive_int, default=8080)
     p.add_argument("--model_name", "--model-name", default="", help="the id /v1/models reports (default: the URI)")
     p.add_argument("--trace", type=true_false, nargs="?", const=True, default=False,
@@ -38,6 +43,19 @@ def parser(prog: str = "python -m phi3mlflow.serve", description: str | None = N
     p.add_argument("--header-timeout", "--header_timeout", dest="header_timeout", type=positive_float,
                    default=HEADER_TIMEOUT_S, help="seconds a connection may take to send its request headers "
                    f"(default {HEADER_TIMEOUT_S:g}); a slower one is closed")  # fmt: skip
+    p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
+                   help=f"require Authorization: Bearer <key> on /v1 and /invocations (or ${auth.ENV_KEY}); "
+                   "a key on the command line shows in the process list: prefer --api-key-file")  # fmt: skip
+    p.add_argument("--api-key-file", "--api_key_file", dest="api_key_file", default=None,
+                   help=f"the same, the key read from this file (or ${auth.ENV_KEY_FILE})")  # fmt: skip
+    p.add_argument("--follow-interval", "--follow_interval", dest="follow_interval", type=non_negative_float,
+                   default=FOLLOW_INTERVAL_S, help="for models:/<name>@<alias>: seconds between checks of which "
+                   f"version holds the alias, swapping to it without failing a request (default {FOLLOW_INTERVAL_S:g}; "
+                   "0: never)")  # fmt: skip
+    p.add_argument("--cors-origin", "--cors_origin", dest="cors_origin", action="append", default=[],
+                   help="an origin browsers may call from (repeatable; none by default)")  # fmt: skip
+    p.add_argument("--metrics", type=true_false, nargs="?", const=True, default=True,
+                   help="true/false: GET /metrics in Prometheus text format (default true)")  # fmt: skip
     return p
 
 
@@ -57,6 +75,16 @@ def positive_float(value: str) -> float:
     return x
 
 
+def non_negative_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return x
+
+
 def tracking_unreachable(timeout_s: float = 3.0) -> str:
     """Why traces could not be stored now (a tracking server that does not answer), or "". MLflow
     would retry for minutes before the server listens; the server serves untraced instead."""
@@ -72,46 +100,120 @@ def tracking_unreachable(timeout_s: float = 3.0) -> str:
         return f"the tracking server {uri} does not answer ({' '.join(str(e).split())[:120]})"
 
 
-def build_app(pyfunc_model, model_name: str, trace: bool = False, max_body_bytes: int = MAX_BODY_BYTES):
-    """The app for a loaded pyfunc: the OpenAI routes, MLflow's scoring app behind them, and
-    ``trace``: an MLflow trace per chat completion, linked to the model."""
-    from mlflow.pyfunc import scoring_server  # heavy: MLflow, imported with the model
+LOOPBACK = "127.0.0.1"
+# How often the server asks the registry which version holds the alias it serves (--follow-interval).
+FOLLOW_INTERVAL_S = 30.0
 
+
+def parse_model_uri(uri: str) -> tuple[str, str, str]:
+    """(registered name, version, alias) of a ``models:/`` URI; empty where it names none."""
+    if not uri.startswith("models:/"):
+        return "", "", ""
+    rest = uri[len("models:/") :].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return name, "", alias
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, version, ""
+    return "", "", ""  # models:/m-...: a logged model, no registry name
+
+
+def resolve(model_uri: str, model_name: str = "") -> ModelInfo:
+    """What ``model_uri`` names now: for a registry URI, the version (the alias's holder), its
+    logged model and the evaluation run that promoted it."""
+    import mlflow  # heavy: MLflow, imported with the model
+
+    shown = model_name or model_uri
+    name, version, alias = parse_model_uri(model_uri)
+    if not name:
+        model_id = model_uri[len("models:/") :].strip("/") if model_uri.startswith("models:/m-") else ""
+        return ModelInfo(shown, model_uri, model_id=model_id)
+    client = mlflow.MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except Exception as e:  # noqa: BLE001 - any failure to resolve is the URI's
+        raise InputError("model_uri", f"cannot resolve {model_uri!r}: {_first_line(e)}") from None
+    return ModelInfo(shown, model_uri, name, str(mv.version), alias, getattr(mv, "model_id", None) or "",
+                     (mv.tags or {}).get(tags.SOURCE_EVAL_RUN, ""))  # fmt: skip
+
+
+def load(info: ModelInfo, trace: bool = False) -> Served:
+    """The model ``info`` names, loaded (a registry URI by its version, so what is served is what
+    ``info`` says), its backend and MLflow's scoring app for it."""
+    import mlflow  # heavy: MLflow, imported with the model
+    from mlflow.pyfunc import scoring_server  # heavy: as above
+
+    uri = f"models:/{info.name}/{info.version}" if info.version else info.uri
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except Exception as e:  # noqa: BLE001 - any failure to load is the URI's
+        raise InputError("model_uri", f"cannot load {uri!r}: {_first_line(e)}") from None
+    if trace:
+        link_to_model(model)
+    return Served(info, backend_for(model), scoring_server.init(model))
+
+
+def build_app(served: Served, trace: bool = False, options: Options | None = None, follow_interval: float = 0.0):
+    """The app around a loaded model: the OpenAI routes, MLflow's scoring app behind them, ``trace``
+    (an MLflow trace per chat completion, linked to the model), and, for ``models:/<name>@<alias>``
+    with ``follow_interval`` > 0, the follower that swaps to the alias's next holder."""
     from phi3mlflow.serve.app import create_app  # heavy: FastAPI
 
-    backend = backend_for(pyfunc_model)
+    slot = ModelSlot(served, log=lambda line: print(line, flush=True))
     wrap = None
     if trace and (unreachable := tracking_unreachable()):
         print(f"serve: tracing off: {unreachable}", flush=True)
         trace = False
     if trace:
-        link_to_model(pyfunc_model)
 
         def wrap(body, events):
-            return traced(events, RequestTrace(body, backend.wrapper))
+            return traced(events, RequestTrace(body, slot.current.backend.wrapper))
 
-    return create_app(backend, model_name, scoring_server.init(pyfunc_model), wrap, max_body_bytes)
+    follower = None
+    if follow_interval > 0 and served.info.alias:
+        shown = served.info.id
+        follower = Follower(slot, follow_interval, lambda name, alias: resolve(f"models:/{name}@{alias}", shown),
+                            lambda info: load(info, trace))  # fmt: skip
+    return create_app(slot, served.info.id, trace=wrap, options=options or Options(), follower=follower)
 
 
-def serve(model_uri: str, host: str, port: int, model_name: str = "", trace: bool = False,
-          max_body_bytes: int = MAX_BODY_BYTES, header_timeout: float = HEADER_TIMEOUT_S) -> None:  # fmt: skip
-    import mlflow  # heavy: every import below loads a model or a web server
-    import uvicorn  # heavy: as above
+def serve(model_uri: str, host: str | None, port: int, model_name: str = "", trace: bool = False,
+          header_timeout: float = HEADER_TIMEOUT_S, options: Options | None = None,
+          follow_interval: float = FOLLOW_INTERVAL_S) -> None:  # fmt: skip
+    import uvicorn  # heavy: the web server
 
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except Exception as e:  # noqa: BLE001 - any failure to load is the URI's
-        raise InputError("model_uri", f"cannot load {model_uri!r}: {str(e).strip().splitlines()[0][:300]}") from None
-    app = build_app(model, model_name or model_uri, trace, max_body_bytes)
-    print(f"serving {model_uri} ({app.state.backend.wrapper} wrapper) on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    options = options or Options()
+    served = load(resolve(model_uri, model_name), trace)
+    app = build_app(served, trace, options, follow_interval)
+    following = f", following @{served.info.alias} every {follow_interval:g} s" if app.state.follower else ""
+    listen = host or LOOPBACK
+    print(f"serving {model_uri} ({served.info.fingerprint}, {served.backend.wrapper} wrapper{following}) on "
+          f"http://{listen}:{port}/v1", flush=True)  # fmt: skip
+    if not options.api_key:
+        reach = "this machine only" if listen in (LOOPBACK, "localhost", "::1") else f"anyone who can reach {listen}"
+        print(f"serve: no API key (--api-key, --api-key-file or ${auth.ENV_KEY}): unauthenticated, open to {reach}",
+              flush=True)  # fmt: skip
+    uvicorn.run(app, host=listen, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                 http=header_timeout_protocol(header_timeout))  # fmt: skip
+
+
+def serve_args(args) -> None:
+    """``serve`` with parsed arguments (this module's parser)."""
+    options = Options(args.max_body_bytes, auth.api_key(args.api_key, args.api_key_file), tuple(args.cors_origin),
+                      args.metrics)  # fmt: skip
+    serve(args.model_uri, args.host, args.port, args.model_name, args.trace, args.header_timeout, options,
+          args.follow_interval)  # fmt: skip
 
 
 def main(argv=None, prog: str = "python -m phi3mlflow.serve", description: str | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv, prog, description)
     try:
-        serve(args.model_uri, args.host, args.port, args.model_name, args.trace, args.max_body_bytes,
-              args.header_timeout)  # fmt: skip
+        serve_args(args)
     except InputError as e:
         sys.exit(f"error: {e}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]

@@ -25,11 +25,12 @@ HEADER_TIMEOUT_S = 10.0
 MAX_ERROR_CHARS = 500
 
 
-def error_body(status: int, message: str, kind: str, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": None}}).encode()
+def error_body(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> bytes:
+    """OpenAI's error object, as bytes."""
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
-async def _send_json(send, status: int, body: bytes, headers: list | None = None) -> None:
+async def send_json(send, status: int, body: bytes, headers: list | None = None) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})  # fmt: skip
@@ -47,7 +48,7 @@ class BodyLimit:
     async def _refuse(self, send) -> None:
         message = f"the request body is larger than this server takes ({self.max_bytes} bytes)"
         body = error_body(413, message, "invalid_request_error", "body")
-        await _send_json(send, 413, body, [(b"connection", b"close")])
+        await send_json(send, 413, body, [(b"connection", b"close")])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -104,7 +105,7 @@ class QuietErrors:
             held.extend(message.get("body", b""))
             if message.get("more_body"):
                 return
-            await _send_json(send, start["status"], _trim(bytes(held), start["status"]))
+            await send_json(send, start["status"], _trim(bytes(held), start["status"]))
 
         return await self.app(scope, receive, trimmed)
 

@@ -9,6 +9,7 @@ transformers llm/v1/chat model and the ONNX pyfunc) and the OpenAI-compatible se
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -17,9 +18,12 @@ from dataclasses import dataclass, field
 from phi3mlflow.errors import InvalidRequest
 
 ROLES = ("system", "user", "assistant")
-# Fields an OpenAI client may send that change nothing here (or that we check elsewhere): accepted
-# so that stock clients work; every other unknown field is refused rather than silently ignored.
-IGNORED = frozenset({"model", "user", "stream_options", "seed", "logprobs", "frequency_penalty", "presence_penalty"})
+# Fields an OpenAI client may send that change nothing here: accepted so that stock clients work;
+# every other unknown field is refused rather than silently ignored.
+IGNORED = frozenset({"model", "user"})
+# Fields taken only at the value that asks for nothing (a 400 naming the field otherwise): the
+# penalties at 0, logprobs off.
+ONLY_OFF = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,)}
 MAX_STOP = 4  # OpenAI's own limit
 # The longest stop string: matching runs on the one generation thread, so a request's stop strings
 # must cost it microseconds per token whatever their length (a 1 MB stop string once stalled every
@@ -45,6 +49,8 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     model: str | None = None  # echoed in the answer; the server answers for one model whatever it says
+    seed: int | None = None  # sampling from this seed: the same seed, the same answer
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with usage and no choices
 
 
 def _number(body: dict, name: str) -> float | None:
@@ -60,10 +66,16 @@ def parse(body, context_length: int | None = None) -> ChatRequest:
     """A checked request; ``InvalidRequest`` naming the first bad field otherwise."""
     if not isinstance(body, dict):
         raise InvalidRequest(None, f"the request must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-                                  "stop", "n", "stream"} - IGNORED)  # fmt: skip
+    taken = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "stream",
+             "stream_options", "seed"}  # fmt: skip
+    unknown = sorted(set(body) - taken - IGNORED - set(ONLY_OFF))
     if unknown:
         raise InvalidRequest(unknown[0], "unsupported field")
+    for name, off in ONLY_OFF.items():
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) != isinstance(off[0], bool) or value not in off):
+            raise InvalidRequest(name, f"not supported by this server: only {json.dumps(off[0])} (or leave it out), "
+                                       f"got {json.dumps(value)[:40]}")  # fmt: skip
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages", "must be a non-empty list of {role, content} objects")
@@ -110,7 +122,20 @@ def parse(body, context_length: int | None = None) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("model", f"must be a string, got {type(model).__name__}")
-    return ChatRequest(checked, max_tokens, temperature, top_p, stop or [], stream, model)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidRequest("seed", f"must be an integer, got {json.dumps(seed)[:40]}")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise InvalidRequest("stream_options", "only allowed when stream is true")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise InvalidRequest("stream_options", 'must be an object with "include_usage" only')
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise InvalidRequest("stream_options.include_usage", f"must be true or false, got {include_usage!r}")
+    return ChatRequest(checked, max_tokens, temperature, top_p, stop or [], stream, model, seed, include_usage)
 
 
 def check_length(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
@@ -130,12 +155,15 @@ def new_id() -> str:
 
 
 def completion(model: str, content: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-               id: str | None = None) -> dict:  # fmt: skip
+               id: str | None = None, fingerprint: str | None = None) -> dict:  # fmt: skip
+    """A ``chat.completion``; ``fingerprint`` (the served model version, when the server knows it)
+    is OpenAI's ``system_fingerprint``."""
     return {
         "id": id or new_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
+        **({"system_fingerprint": fingerprint} if fingerprint else {}),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
         "usage": {
             "prompt_tokens": prompt_tokens,
@@ -145,13 +173,24 @@ def completion(model: str, content: str, finish_reason: str, prompt_tokens: int,
     }
 
 
+def usage_chunk(id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int,
+                fingerprint: str | None = None) -> dict:  # fmt: skip
+    """The stream's last chunk when ``stream_options.include_usage`` asks for it: no choices, the usage."""
+    out = chunk(id, model, created, {}, fingerprint=fingerprint)
+    out["choices"] = []
+    out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return out
+
+
 def chunk(id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-          usage: dict | None = None) -> dict:  # fmt: skip
+          usage: dict | None = None, fingerprint: str | None = None) -> dict:  # fmt: skip
     out = {
         "id": id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
+        **({"system_fingerprint": fingerprint} if fingerprint else {}),
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
     }
     if usage is not None:

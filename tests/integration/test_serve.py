@@ -261,3 +261,20 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(servers):
         assert client(servers["onnx"]).chat.completions.create(model="m", messages=USER, max_tokens=8)
         assert slow.recv(1024) == b""  # closed by the server (--header-timeout 2), not by our 30 s timeout
         assert time.monotonic() - started < 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["onnx", "chat"])
+def test_a_seed_makes_sampling_reproducible_streamed_or_not(servers, wrapper):
+    c = client(servers[wrapper])
+    ask = {"model": "m", "messages": USER, "max_tokens": 12, "temperature": 5.0}
+
+    def whole(seed: int) -> str:
+        return c.chat.completions.create(**ask, seed=seed).choices[0].message.content
+
+    def streamed(seed: int) -> str:
+        chunks = c.chat.completions.create(**ask, seed=seed, stream=True)
+        return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+    assert whole(11) == whole(11) == streamed(11)
+    assert len({whole(seed) for seed in (1, 2, 3, 4)}) > 1

@@ -23,7 +23,9 @@ def _serve_and_ask(model_uri: str, experiment_id: str, log_path, *flags: str) ->
     with openai_server(model_uri, log_path, *flags, env=env) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         plain = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=16)
-        stream = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=16, stream=True)
+        stream = client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
         streamed = [c.usage for c in stream if c.usage is not None]
         # Traces are exported on a background thread, seconds later on a busy machine.
         deadline = time.time() + (60 if "--trace" in flags else 5)

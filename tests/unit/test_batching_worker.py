@@ -143,6 +143,16 @@ def test_greedy_and_sampled_requests_never_share_a_batch():
     assert loop.batches == 2 and {s["do_sample"] for s in og.searches} == {False, True}
 
 
+def test_seeded_sampled_requests_decode_alone_from_their_seed():
+    loop, og = make()
+    seeded = [GenerationRequest([10, 50, 51], 20, 0.7, 1.0, [], seed=7) for _ in range(2)]
+    loop.complete_all([*seeded, request(11, temperature=0.7), request(13, temperature=0.7)])
+    # Two seeded rows alone each (one random stream per batch), the two unseeded ones together.
+    assert loop.batches == 3 and sorted(s["batch_size"] for s in og.searches) == [1, 1, 2]
+    assert [s.get("random_seed") for s in og.searches if s["batch_size"] == 1] == [7, 7]
+    assert all("random_seed" not in s for s in og.searches if s["batch_size"] == 2)
+
+
 def test_a_request_cancelled_mid_batch_gets_one_cancelled_and_its_mate_goes_on():
     og = ScriptedOg()
     og.gate, og.step_s = threading.Event(), 0.01

@@ -70,8 +70,19 @@ def test_a_stream_is_sse_chunks_ending_with_done():
     chunks = [ChatCompletionChunk.model_validate_json(json.dumps(e)) for e in events[:-1]]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Madrid"  # the empty Delta sends nothing
-    assert len(chunks) == 4 and chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.total_tokens == 14
+    assert len(chunks) == 4 and chunks[-1].choices[0].finish_reason == "length"
     assert {ch.model for ch in chunks} == {"mine"} and len({ch.id for ch in chunks}) == 1
+    assert all(ch.usage is None for ch in chunks)  # not asked for: OpenAI sends none
+
+
+def test_a_stream_asked_for_usage_ends_with_a_usage_chunk_without_choices():
+    c, _ = client([Delta("Madrid"), Done("stop", 12, 2)])
+    body = {"messages": USER, "stream": True, "stream_options": {"include_usage": True}}
+    events = sse_events(c.post("/v1/chat/completions", json=body).text.splitlines())
+    chunks = [ChatCompletionChunk.model_validate_json(json.dumps(e)) for e in events[:-1]]
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-2].usage is None
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 14 and events[-1] == "[DONE]"
+    assert len({ch.id for ch in chunks}) == 1
 
 
 @pytest.mark.parametrize(
@@ -122,9 +133,7 @@ def test_models_lists_the_served_model():
 
 def _complete(http, first, events):
     """app._complete for a one-message request, the way the chat route calls it."""
-    request = protocol.parse({"messages": [{"role": "user", "content": "Hi"}]}, None)
-    prepared = Prepared(request, GenerationRequest([], 1))
-    return app_module._complete(app_module._Watch(http, events), first, prepared, "m")
+    return app_module._complete(app_module._Watch(http, events), first, "m")
 
 
 class _StillThere:

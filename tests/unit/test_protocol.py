@@ -27,7 +27,23 @@ BAD = [
     ({"messages": USER, "tools": []}, "tools"),
     ({"messages": USER, "stream": "yes"}, "stream"),
     ({"messages": USER, "model": 3}, "model"),
+    ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": USER, "presence_penalty": -1}, "presence_penalty"),
+    ({"messages": USER, "logprobs": True}, "logprobs"),
+    ({"messages": USER, "top_logprobs": 5}, "top_logprobs"),
+    ({"messages": USER, "seed": "7"}, "seed"),
+    ({"messages": USER, "seed": 1.5}, "seed"),
+    ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": USER, "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
 ]
+
+
+def test_fields_at_the_value_that_asks_for_nothing_are_taken():
+    body = {"messages": USER, "frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": False, "seed": 42,
+            "stream": True, "stream_options": {"include_usage": True}, "user": "u"}  # fmt: skip
+    request = protocol.parse(body)
+    assert request.seed == 42 and request.include_usage is True
 
 
 @pytest.mark.parametrize("body,field", BAD)

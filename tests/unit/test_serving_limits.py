@@ -18,6 +18,7 @@ from phi3mlflow.errors import InvalidRequest, Overloaded
 from phi3mlflow.serve import app as app_module
 from phi3mlflow.serve import limits
 from phi3mlflow.serve.backends import SerialWorker
+from phi3mlflow.serve.options import Options
 from tests.unit.test_http_app import USER, ScriptedBackend
 
 
@@ -39,7 +40,8 @@ class Fallback:
 
 def app(script=None, fallback=None, max_body_bytes: int = 2000, backend=None) -> TestClient:
     backend = backend or ScriptedBackend(script if script is not None else [Delta("Madrid"), Done("stop", 5, 1)])
-    return TestClient(app_module.create_app(backend, "m", fallback or Fallback(), max_body_bytes=max_body_bytes))
+    options = Options(max_body_bytes=max_body_bytes)
+    return TestClient(app_module.create_app(backend, "m", fallback or Fallback(), options=options))
 
 
 # --- body limit -------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""hostile_request_slowdown: what a hostile client costs everyone else on `python -m phi3mlflow.serve`.
+
+A = a normal request's latency (the setup's prompt, non-streaming, greedy, the setup's new tokens)
+while a hostile client is at work; B = the same request alone. The hostile client, in its own
+thread for the whole of side A, sends back to back what issue #29's adversarial pass found
+costly, each within the server's limits: a message of ~900 kB (parsed and tokenized, then refused
+as beyond the context), a request with 4 stop strings of the longest length allowed (256
+characters) and a 64-token answer, a body over the limit (a 413 without reading it), and JSON
+nested 100,000 deep; and it holds 200 connections that send half their headers and stop. Target
+(issue #29): A / B ≤ 2.0 on the int4 ONNX model. The request that is merely long (thousands of
+tokens) is not in the mix: it is ordinary work, whose wait is the batching loop's (issue #27).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from bench.figures import PROJECT_ROOT, Setup, _chat_request, _wait_until_up, interleaved
+from tests.support import free_port
+
+SLOW_CONNECTIONS = 200
+
+
+def _post(port: int, body: bytes, timeout: float = 120) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        e.read()
+        return e.code
+
+
+def _hostile_bodies(s: Setup) -> list[bytes]:
+    user = [{"role": "user", "content": s.prompt}]
+    return [
+        json.dumps({"messages": [{"role": "user", "content": "x " * 450_000}]}).encode(),
+        json.dumps({"messages": user, "max_tokens": 64, "stop": [("z" * 255) + str(i) for i in range(4)]}).encode(),
+        json.dumps({"messages": [{"role": "user", "content": "y" * 1_100_000}]}).encode(),
+        b"[" * 100_000,
+    ]
+
+
+class _Hostile:
+    """The hostile client: a thread sending the bodies in turn, and the half-open connections."""
+
+    def __init__(self, port: int, bodies: list[bytes]):
+        self.port, self.bodies = port, bodies
+        self.stop = threading.Event()
+        self.sent: dict[int, int] = {}
+        self.sockets: list[socket.socket] = []
+
+    def __enter__(self):
+        for _ in range(SLOW_CONNECTIONS):
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+                self.sockets.append(sock)
+            except OSError:
+                break
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        time.sleep(0.05)  # the first hostile body is on its way
+        return self
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            try:
+                status = _post(self.port, self.bodies[i % len(self.bodies)])
+            except OSError:
+                status = 0
+            self.sent[status] = self.sent.get(status, 0) + 1
+            i += 1
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=120)
+        for sock in self.sockets:
+            sock.close()
+
+
+def hostile_request_slowdown(s: Setup, pairs: int) -> dict:
+    """Latency of a normal request with the hostile client at work (A) over alone (B), per pair."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "phi3mlflow.serve", s.uris["int4"], "--port", str(port)], cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ), start_new_session=True,
+    )  # fmt: skip
+    normal = json.dumps(_chat_request(s, s.new_tokens)).encode()
+    statuses: dict[int, int] = {}
+    try:
+        _wait_until_up(f"http://127.0.0.1:{port}/health", server, "python -m phi3mlflow.serve")
+        bodies = _hostile_bodies(s)
+
+        latencies: dict[str, list[float]] = {"a": [], "b": []}
+
+        def timed(side: str = "b") -> float:
+            start = time.perf_counter()
+            if _post(port, normal) != 200:
+                raise RuntimeError("the normal request was not answered")
+            latencies[side].append(time.perf_counter() - start)
+            return latencies[side][-1]
+
+        def attacked() -> float:
+            with _Hostile(port, bodies) as hostile:
+                latency = timed("a")
+            for code, n in hostile.sent.items():
+                statuses[code] = statuses.get(code, 0) + n
+            return latency
+
+        # Each side returns the normal request's own latency (setting up the hostile client is not timed).
+        out = interleaved(attacked, timed, pairs, ratio=lambda ra, ta, rb, tb: ra / rb)
+        # The normal request's own latencies (interleaved's side times include the untimed warm-up).
+        out["a_median_s"], out["b_median_s"] = (statistics.median(latencies[k]) for k in "ab")
+        out["hostile_answers"] = {str(k): v for k, v in sorted(statuses.items())}
+        out["slow_connections"] = SLOW_CONNECTIONS
+        return out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, 15)
+        server.wait(timeout=30)

@@ -10,12 +10,14 @@ raises ends its own request only (as if cancelled); its batch-mates go on. ``eve
 request's events through. Stop strings are cut here, as the tokens arrive (``truncate_at_stop``,
 ``held_back``).
 
-The worker takes what is waiting (after a first request, what else arrives within ``GATHER_S``) and
-decodes up to ``max_batch_size`` requests with the same sampling settings as one ORT GenAI generator
-batch: prompts right-padded with the model's pad token, as ``Tokenizer.encode_batch`` pads them, so
-each row's greedy tokens are the ones it gets alone (measured: 132 of 132 real questions). A
-request that arrives while a batch runs waits for it to finish; a batch ends when every row has
-(end token, its own ``max_tokens``, a stop string, or its caller gone). og.Engine is not used: on
+The worker starts what is waiting at once (requests submitted together, ``submit_many``, are seen
+together) and decodes up to ``max_batch_size`` requests with the same sampling settings as one ORT
+GenAI generator batch: prompts right-padded with the model's pad token, as ``Tokenizer.encode_batch``
+pads them, so each row's greedy tokens are the ones it gets alone (measured: 132 of 132 real
+questions). og's CPU generator takes no rows once it runs, so a request that arrives while batches
+decode starts as a batch of its own, and the worker steps up to ``max_generators`` batches in turn,
+one token each, within one KV-cache budget; a batch ends when every row has (end token, its own
+``max_tokens``, a stop string, or its caller gone). og.Engine is not used: on
 CPU its static scheduler batches a fixed 4 requests whatever ``max_batch_size`` says (0.18), and
 its continuous batching needs a paged-attention export the builder makes only for CUDA and WebGPU;
 bench/README.md has the measurements. More than ``max_waiting`` requests in the loop at once are
@@ -28,9 +30,9 @@ import asyncio
 import itertools
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +41,10 @@ from phi3mlflow.errors import Overloaded
 MAX_WAITING = 64
 # ORT GenAI's random_seed takes 0 .. 2**31 - 2; a request's seed (any integer) is taken modulo this.
 SEED_RANGE = 2_147_483_647
-GATHER_S = 0.02
+# Generators stepped in turn: a request arriving while a batch decodes starts as a batch of its own
+# at the next round instead of waiting for that batch's longest answer (og's CPU generator takes no
+# rows once it runs). Each round costs every running batch's step.
+MAX_GENERATORS = 4
 
 __all__ = ["BatchLoop", "Cancel", "Delta", "Done", "Failed", "GenerationRequest", "Overloaded", "Submit"]
 
@@ -54,11 +59,15 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # sampling only: the same seed gives the same answer (decoded alone)
+    guidance: tuple[str, str] | None = None  # (type, text) for GeneratorParams.set_guidance: constrained output
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (k <= 20)
 
 
 @dataclass(frozen=True)
 class Delta:
     text: str
+    # With logprobs asked for: one entry per token behind ``text`` (OpenAI's logprobs.content items).
+    logprobs: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,10 +121,10 @@ def held_back(text: str, stop: list[str]) -> int:
 
 
 def start_generator(og, model, ids, max_length: int, temperature: float = 0.0, top_p: float = 1.0,
-                    seed: int | None = None):  # fmt: skip
+                    seed: int | None = None, guidance: tuple[str, str] | None = None):  # fmt: skip
     """The one ORT GenAI generator setup: ``ids`` (one prompt, or rows of one length, right-padded)
     appended, greedy when ``temperature`` is 0, sampling with ``temperature`` and ``top_p`` otherwise
-    (from ``seed``, when given)."""
+    (from ``seed``, when given); ``guidance`` constrains every row's output (a JSON schema, say)."""
     rows = np.asarray(ids, dtype=np.int32)
     if rows.ndim == 1:
         rows = rows[None, :]
@@ -128,6 +137,8 @@ def start_generator(og, model, ids, max_length: int, temperature: float = 0.0, t
         search.update(do_sample=False)
     params = og.GeneratorParams(model)
     params.set_search_options(**search)
+    if guidance is not None:
+        params.set_guidance(*guidance)
     generator = og.Generator(model, params)
     generator.append_tokens(rows)
     return generator
@@ -145,6 +156,17 @@ class _Row:
     sent: int = 0
     generated: int = 0
     finished: bool = False
+    logprobs: list[dict] = field(default_factory=list)  # entries not yet delivered
+
+
+@dataclass
+class _Batch:
+    """One running ORT GenAI generator and its rows."""
+
+    rows: list[_Row]
+    generator: Any  # an og.Generator (or the fast tests' stand-in); None until started
+    scored: bool  # some row wants logprobs: read the logits before each step
+    kv_bytes: int  # the KV cache it may grow to
 
 
 class BatchLoop:
@@ -154,17 +176,19 @@ class BatchLoop:
     the fast tests drive the loop that way), ``model`` and ``tokenizer`` its model and tokenizer."""
 
     def __init__(self, og, model, tokenizer, eos: set[int], pad: int, context_length: int, max_batch_size: int,
-                 kv_bytes_per_token: int = 0, max_batch_kv_bytes: int = 0, max_waiting: int = MAX_WAITING):  # fmt: skip
+                 kv_bytes_per_token: int = 0, max_batch_kv_bytes: int = 0, max_waiting: int = MAX_WAITING,
+                 max_generators: int = MAX_GENERATORS):  # fmt: skip
         self.og, self.model, self.tokenizer, self.eos, self.pad = og, model, tokenizer, eos, pad
         self.context_length, self.max_batch_size, self.max_waiting = context_length, max_batch_size, max_waiting
         self.kv_bytes_per_token, self.max_batch_kv_bytes = kv_bytes_per_token, max_batch_kv_bytes
+        self.max_generators = max(1, max_generators)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._tickets = itertools.count()
         self._count_lock = threading.Lock()
         self._in_loop = 0
         self._broken = ""
         self._waiting: list[Submit] = []
-        self._rows: dict[int, _Row] = {}
+        self._active: list[_Batch] = []
         # Batches decoded so far and the tickets of the last one: what the fast tests assert batching on.
         self.batches = 0
         self.last_batch: tuple[int, ...] = ()
@@ -193,6 +217,19 @@ class BatchLoop:
         ticket = next(self._tickets)
         self._inbox.put(Submit(ticket, request, sink))
         return ticket
+
+    def submit_many(self, requests: list[tuple[GenerationRequest, Sink]]) -> list[int]:
+        """``submit`` for requests sent together: the worker sees them at once, so those that can
+        share a batch do. All or none are taken (Overloaded, RuntimeError as ``submit``)."""
+        with self._count_lock:
+            if self._broken:
+                raise RuntimeError(self._broken)
+            if self._in_loop + len(requests) > self.max_waiting:
+                raise Overloaded(f"{self._in_loop} requests are in progress; {len(requests)} more do not fit")
+            self._in_loop += len(requests)
+        submits = [Submit(next(self._tickets), request, sink) for request, sink in requests]
+        self._inbox.put(submits)  # type: ignore[arg-type]
+        return [item.ticket for item in submits]
 
     def cancel(self, ticket: int) -> None:
         self._inbox.put(Cancel(ticket))
@@ -230,10 +267,9 @@ class BatchLoop:
 
             return sink
 
-        tickets = []
+        tickets: list[int] = []
         try:
-            for i, request in enumerate(requests):
-                tickets.append(self.submit(request, sink_for(i)))
+            tickets = self.submit_many([(request, sink_for(i)) for i, request in enumerate(requests)])
             for _ in tickets:
                 finished.acquire()
                 if failures:  # no one will read the other answers: stop generating them
@@ -283,14 +319,21 @@ class BatchLoop:
     def _main(self) -> None:
         try:
             while True:
-                if self._closing and not self._waiting and not self._rows:
+                if self._closing and not self._waiting and not self._active:
                     return
-                if not self._waiting:
-                    self._take(self._gather())
+                if not self._waiting and not self._active:
+                    self._take([self._inbox.get()])  # idle: sleep until a command, then start at once
                 self._take(self._drain())
-                batch = self._next_batch()
-                if batch:
-                    self._run(batch)
+                while self._waiting and len(self._active) < self.max_generators:
+                    ready = self._next_batch()
+                    if not ready:
+                        break
+                    self._start(ready)
+                # One step of every running batch in turn: a request that arrived while others decode
+                # starts with the next round rather than after their longest answer.
+                for running in list(self._active):
+                    self._step(running)
+                    self._take(self._drain())  # cancels end their rows now; new requests join the next round
         except BaseException as e:
             # Never leave a caller waiting on a dead thread: fail what is in flight, what is still in
             # the inbox, and (through _broken) every later submit.
@@ -303,19 +346,6 @@ class BatchLoop:
                 _deliver(sink, Failed(self._broken))
             raise
 
-    def _gather(self) -> list[Command]:
-        """The first command, and what else arrives within GATHER_S of it. A batch admits no request
-        once it runs, so clients that send together (within milliseconds) must start together;
-        waiting 20 ms for them costs a lone request about as much as four tokens."""
-        commands = [self._inbox.get()]
-        deadline = time.monotonic() + GATHER_S
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                commands.append(self._inbox.get(timeout=left))
-            except queue.Empty:
-                break
-        return commands
-
     def _drain(self) -> list[Command]:
         commands: list[Command] = []
         while True:
@@ -324,8 +354,11 @@ class BatchLoop:
             except queue.Empty:
                 return commands
 
-    def _take(self, commands: list[Command]) -> None:
+    def _take(self, commands: list) -> None:
         for command in commands:
+            if isinstance(command, list):  # submit_many: requests sent together
+                self._waiting.extend(command)
+                continue
             if isinstance(command, Submit):
                 self._waiting.append(command)
                 continue
@@ -339,20 +372,28 @@ class BatchLoop:
                     self._finish(waiting.sink, Done("cancelled", len(waiting.request.ids), 0))
                     break
 
+    @property
+    def _rows(self) -> dict[int, _Row]:
+        return {row.ticket: row for batch in self._active for row in batch.rows}
+
     def _next_batch(self) -> list[Submit]:
         """The first waiting request and, in order, those that share its sampling settings, while
         every row's whole answer fits in the context after the batch's longest prompt (the rows share
-        one length) and the batch's KV cache (rows x that length) stays within max_batch_kv_bytes.
-        The first request always goes, alone if need be: it was checked against the context."""
+        one length) and the KV cache of every running batch and this one (rows x their length) stays
+        within max_batch_kv_bytes. The first request goes alone if need be (it was checked against
+        the context) when nothing else runs; while others run, it waits for room."""
         if not self._waiting:
             return []
 
         def sampling(request: GenerationRequest) -> tuple:
+            # Rows of one batch share their search options and their constraint.
             if request.temperature <= 0:
-                return (0.0, 1.0)
+                return (0.0, 1.0, request.guidance)
             # A seeded request samples alone: rows of one batch draw from one random stream.
-            return (request.temperature, request.top_p, id(request) if request.seed is not None else None)
+            return (request.temperature, request.top_p, request.guidance,
+                    id(request) if request.seed is not None else None)  # fmt: skip
 
+        used = sum(batch.kv_bytes for batch in self._active)
         key = sampling(self._waiting[0].request)
         batch: list[Submit] = []
         longest = most = 0
@@ -361,48 +402,88 @@ class BatchLoop:
                 break
             request = item.request
             length = max(longest, len(request.ids)) + max(most, request.max_tokens)
-            kv = (len(batch) + 1) * length * self.kv_bytes_per_token
+            kv = used + (len(batch) + 1) * length * self.kv_bytes_per_token
             fits = length <= self.context_length and (not self.max_batch_kv_bytes or kv <= self.max_batch_kv_bytes)
-            if sampling(request) == key and (fits or not batch):
+            if sampling(request) == key and (fits or not (batch or self._active)):
                 batch.append(item)
                 longest, most = max(longest, len(request.ids)), max(most, request.max_tokens)
         taken = {item.ticket for item in batch}
         self._waiting = [item for item in self._waiting if item.ticket not in taken]
         return batch
 
-    def _run(self, batch: list[Submit]) -> None:
+    def _start(self, batch: list[Submit]) -> None:
         longest = max(len(item.request.ids) for item in batch)
         rows = [_Row(item.ticket, item.request, item.sink, self.tokenizer.create_stream()) for item in batch]
-        self._rows = {row.ticket: row for row in rows}
         self.batches += 1
         self.last_batch = tuple(row.ticket for row in rows)
         if self.on_batch is not None:
             self.on_batch(len(rows))
+        most = max(r.request.max_tokens for r in rows)
+        running = _Batch(rows, None, any(row.request.logprobs is not None for row in rows),
+                         len(rows) * (longest + most) * self.kv_bytes_per_token)  # fmt: skip
+        self._active.append(running)
         try:
             ids = np.full((len(rows), longest), self.pad, dtype=np.int32)
             for i, row in enumerate(rows):
                 ids[i, : len(row.request.ids)] = row.request.ids
             first = rows[0].request
-            max_length = min(self.context_length, longest + max(r.request.max_tokens for r in rows))
-            generator = start_generator(self.og, self.model, ids, max_length, first.temperature, first.top_p,
-                                        first.seed)  # fmt: skip
-            while not generator.is_done():
+            max_length = min(self.context_length, longest + most)
+            running.generator = start_generator(self.og, self.model, ids, max_length, first.temperature, first.top_p,
+                                                first.seed, first.guidance)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - fail this batch, keep the thread serving
+            self._fail(running, e)
+
+    def _step(self, batch: _Batch) -> None:
+        """One token for every row of ``batch``; the batch leaves the running ones when it is done."""
+        rows, generator = batch.rows, batch.generator
+        try:
+            if generator is not None and not generator.is_done() and not all(row.finished for row in rows):
+                # The distribution the next token is drawn from (read before the step; after it, the
+                # generator holds the following position's).
+                logits = np.asarray(generator.get_logits()).reshape(len(rows), -1) if batch.scored else None
                 generator.generate_next_token()
-                for row, token in zip(rows, generator.get_next_tokens(), strict=True):
+                for i, (row, token) in enumerate(zip(rows, generator.get_next_tokens(), strict=True)):
                     if not row.finished:
+                        if logits is not None and row.request.logprobs is not None and int(token) not in self.eos:
+                            row.logprobs.append(self._logprob_entry(logits[i], int(token), row.request.logprobs))
                         self._token(row, int(token))
-                self._take(self._drain())  # cancels end their rows now; new requests wait for the next batch
-                if all(row.finished for row in rows):
-                    break
+                if not generator.is_done() and not all(row.finished for row in rows):
+                    return
             for row in rows:
                 if not row.finished:
                     self._end(row, Done("length", len(row.request.ids), row.generated))
         except Exception as e:  # noqa: BLE001 - fail this batch, keep the thread serving
-            for row in rows:
-                if not row.finished:
-                    self._end(row, Failed(f"generation failed: {e}"))
-        # Not in a finally: if the thread itself dies, _main fails these rows' callers.
-        self._rows = {}
+            self._fail(batch, e)
+        if batch in self._active:
+            self._active.remove(batch)
+
+    def _fail(self, batch: _Batch, e: Exception) -> None:
+        for row in batch.rows:
+            if not row.finished:
+                self._end(row, Failed(f"generation failed: {e}"))
+        if batch in self._active:
+            self._active.remove(batch)
+
+    def _logprob_entry(self, logits: np.ndarray, token: int, top: int) -> dict:
+        """OpenAI's logprobs item for ``token`` drawn from ``logits``, with the ``top`` most likely."""
+        x = logits.astype(np.float64)
+        lp = x - x.max()
+        lp -= np.log(np.exp(lp).sum())
+
+        def item(t: int) -> dict:
+            text = self.tokenizer.decode(np.asarray([t], dtype=np.int32))
+            return {"token": text, "logprob": float(lp[t]), "bytes": list(text.encode("utf-8", "replace"))}
+
+        best = np.argpartition(-lp, top)[:top] if top else np.array([], dtype=np.int64)
+        best = best[np.argsort(-lp[best])]
+        return {**item(token), "top_logprobs": [item(int(t)) for t in best]}
+
+    def _delta(self, row: _Row, text: str) -> Delta:
+        """``text`` with the logprobs of the tokens behind it, when asked for."""
+        if row.request.logprobs is None:
+            return Delta(text)
+        entries, row.logprobs = row.logprobs, []
+        return Delta(text, entries)
 
     def _token(self, row: _Row, token: int) -> None:
         row.generated += 1
@@ -425,7 +506,7 @@ class BatchLoop:
         else:
             visible = len(row.text)
         if visible > row.sent:
-            if not _deliver(row.sink, Delta(row.text[row.sent : visible])):
+            if not _deliver(row.sink, self._delta(row, row.text[row.sent : visible])):
                 self._end(row, Done("cancelled", len(row.request.ids), row.generated))
                 return
             row.sent = visible
@@ -433,8 +514,9 @@ class BatchLoop:
             self._end(row, Done("length", len(row.request.ids), row.generated))
 
     def _end(self, row: _Row, event: Event) -> None:
-        if isinstance(event, Done) and event.finish_reason != "cancelled" and row.sent < len(row.text):
-            _deliver(row.sink, Delta(row.text[row.sent :]))  # what a possible stop string held back
+        flush = row.sent < len(row.text) or row.logprobs
+        if isinstance(event, Done) and event.finish_reason != "cancelled" and flush:
+            _deliver(row.sink, self._delta(row, row.text[row.sent :]))  # what a possible stop string held back
             row.sent = len(row.text)
         row.finished = True
         self._finish(row.sink, event)

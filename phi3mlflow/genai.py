@@ -170,6 +170,18 @@ class GenAIChat:
         except Exception as e:  # noqa: BLE001 - ORT GenAI raises plain RuntimeErrors
             raise InvalidRequest("messages", f"the model's chat template refused them: {e}") from None
 
+    def check_guidance(self, guidance: tuple[str, str]) -> None:
+        """A constraint ORT GenAI can compile (it compiles one when a generator starts: ~ms), or
+        InvalidRequest naming response_format."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=2, batch_size=1)
+        try:
+            params.set_guidance(*guidance)
+            self.og.Generator(self.model, params)
+        except Exception as e:  # noqa: BLE001 - ORT GenAI raises plain RuntimeErrors
+            said = " ".join(str(e).split())[:300]
+            raise InvalidRequest("response_format", f"this model cannot follow it: {said}") from None
+
     def format_prompt(self, prompt: str) -> str:
         if self.user_marker and self.user_marker in prompt:
             return prompt

@@ -112,7 +112,10 @@ class OnnxChatModel(PythonModel):
         top_p = given.top_p if request.top_p is None else request.top_p
         ids = self.chat.encode_messages(request.messages)
         protocol.check_length(len(ids), max_tokens, self.chat.context_length)
-        return GenerationRequest(ids, max_tokens, temperature, top_p, request.stop, request.seed)
+        if request.guidance is not None:
+            self.chat.check_guidance(request.guidance)
+        return GenerationRequest(ids, max_tokens, temperature, top_p, request.stop, request.seed, request.guidance,
+                                 request.logprobs)  # fmt: skip
 
     def _chat_rows(self, model_input) -> list[dict] | None:
         """The rows of a chat request (a dict, or the DataFrame MLflow's schema check makes of it), or

@@ -97,13 +97,19 @@ def create_app(served: ModelSlot | Backend, model_name: str = "", fallback=None,
 
         slot.swap = swap_and_count  # type: ignore[method-assign]
 
-    def events_of(served: Served, prepared: Prepared, body: dict | None = None) -> AsyncIterator[Event]:
-        events = served.backend.events(prepared)
+    def events_of(
+        served: Served, prepared: Prepared, body: dict | None = None, choice: int = 0
+    ) -> AsyncIterator[Event]:
+        events = served.backend.events(prepared, choice) if choice else served.backend.events(prepared)
         if trace is not None and body is not None:
             events = trace(body, events)
         if metrics is not None:
             events = metrics.observed(events, served.info.fingerprint)
         return events
+
+    def choices_of(served: Served, prepared: Prepared, body: dict | None = None) -> AsyncIterator[Indexed]:
+        n = prepared.request.n
+        return merge([events_of(served, prepared, body, i) for i in range(n)])
 
     @app.get("/v1/models")
     async def models():
@@ -132,7 +138,7 @@ def create_app(served: ModelSlot | Backend, model_name: str = "", fallback=None,
                 body, prepared = await asyncio.to_thread(_prepare, served.backend, await http.body())
             except InvalidRequest as e:
                 return error(400, str(e), param=e.param)
-            watch = _Watch(http, events_of(served, prepared, body))
+            watch = _Watch(http, choices_of(served, prepared, body))
             try:
                 # The first event is awaited here, so an overloaded loop is a 503 rather than a broken stream.
                 first = await watch.next()
@@ -148,9 +154,9 @@ def create_app(served: ModelSlot | Backend, model_name: str = "", fallback=None,
             if prepared.request.stream:
                 handed_on = True
                 stream = _sse(first, watch, name, served.info.fingerprint, lambda: slot.release(served),
-                              prepared.request.include_usage)  # fmt: skip
+                              prepared.request.include_usage, prepared.request.n)  # fmt: skip
                 return StreamingResponse(stream, media_type="text/event-stream")
-            return await _complete(watch, first, name, served.info.fingerprint)
+            return await _complete(watch, first, name, served.info.fingerprint, prepared.request.n)
         finally:
             if not handed_on:
                 slot.release(served)
@@ -181,7 +187,7 @@ def create_app(served: ModelSlot | Backend, model_name: str = "", fallback=None,
         except InvalidRequest as e:
             return _mlflow_error(400, "INVALID_PARAMETER_VALUE", str(e))
         try:
-            answers = await asyncio.gather(*(_answer(http, events_of(served, p), p, served.info) for p in prepared))
+            answers = await asyncio.gather(*(_answer(http, choices_of(served, p), p, served.info) for p in prepared))
         except Overloaded as e:
             if metrics is not None:
                 metrics.rejected.labels(served.info.fingerprint).inc()
@@ -296,22 +302,14 @@ def _prepare_rows(backend: Backend, rows: list) -> list[Prepared]:
 async def _answer(http: Request, events, prepared: Prepared, info: ModelInfo) -> dict | str | None:
     """One row's chat.completion, its failure's message, or None when the client left."""
     watch = _Watch(http, events)
-    try:
-        parts: list[str] = []
-        while True:
-            event = await watch.next()
-            if event is None:
-                return None
-            if isinstance(event, Delta):
-                parts.append(event.text)
-            elif isinstance(event, Failed):
-                return event.message
-            elif isinstance(event, Done):
-                return protocol.completion(prepared.request.model or info.id, "".join(parts), event.finish_reason,
-                                           event.prompt_tokens, event.completion_tokens,
-                                           fingerprint=info.fingerprint)  # fmt: skip
-    finally:
+    first = await watch.next()
+    if first is None:
         await watch.close()
+        return None
+    response = await _complete(watch, first, prepared.request.model or info.id, info.fingerprint, prepared.request.n)
+    if response.status_code == 200:
+        return json.loads(bytes(response.body))
+    return None if response.status_code == 499 else json.loads(bytes(response.body))["error"]["message"]
 
 
 class _Forward(Response):
@@ -351,7 +349,7 @@ class _Watch:
         self.pending: asyncio.Future | None = None
         self.checked = time.monotonic()
 
-    async def next(self) -> Event | None:
+    async def next(self):
         self.pending = asyncio.ensure_future(anext(self.events))
         while not (await asyncio.wait({self.pending}, timeout=self.checked + DISCONNECT_POLL_S - time.monotonic()))[0]:
             self.checked = time.monotonic()
@@ -370,52 +368,75 @@ class _Watch:
         await self.events.aclose()  # cancels the generation if it is still running
 
 
-async def _complete(watch: _Watch, first: Event, name: str, fingerprint: str | None = None):
-    parts: list[str] = []
-    event: Event | None = first
+async def _complete(watch: _Watch, first: Indexed, name: str, fingerprint: str | None = None, n: int = 1):
+    """The whole answer of every choice as one chat.completion (usage: the prompt once, the
+    completions summed), a 500 when one fails, a 499 when the client left."""
+    parts: list[list[str]] = [[] for _ in range(n)]
+    scores: list[list[dict]] = [[] for _ in range(n)]
+    scored = False
+    reasons: list[str | None] = [None] * n
+    prompt_tokens = completion_tokens = 0
+    indexed: Indexed | None = first
     try:
         while True:
-            if event is None:
+            if indexed is None:
                 return JSONResponse({}, status_code=499)
+            i, event = indexed
             if isinstance(event, Delta):
-                parts.append(event.text)
+                parts[i].append(event.text)
+                if event.logprobs is not None:
+                    scored = True
+                    scores[i].extend(event.logprobs)
             elif isinstance(event, Failed):
                 return error(500, event.message, "server_error")
             elif isinstance(event, Done):
-                return JSONResponse(protocol.completion(name, "".join(parts), event.finish_reason, event.prompt_tokens,
-                                                        event.completion_tokens, fingerprint=fingerprint))  # fmt: skip
-            event = await watch.next()
+                reasons[i] = event.finish_reason
+                prompt_tokens = event.prompt_tokens
+                completion_tokens += event.completion_tokens
+                if all(r is not None for r in reasons):
+                    answers = [("".join(p), r or "stop") for p, r in zip(parts, reasons, strict=True)]
+                    return JSONResponse(protocol.completion(name, answers, None, prompt_tokens, completion_tokens,
+                                                            fingerprint=fingerprint,
+                                                            logprobs=scores if scored else None))  # fmt: skip
+            indexed = await watch.next()
     finally:
         await watch.close()
 
 
-async def _sse(first: Event, watch: _Watch, name: str, fingerprint: str | None = None, done=None,
-               include_usage: bool = False):  # fmt: skip
+async def _sse(first: Indexed, watch: _Watch, name: str, fingerprint: str | None = None, done=None,
+               include_usage: bool = False, n: int = 1):  # fmt: skip
     id, created = protocol.new_id(), int(time.time())
 
     def data(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    def chunk(delta: dict, finish_reason: str | None = None, usage: dict | None = None) -> str:
-        return data(protocol.chunk(id, name, created, delta, finish_reason, usage, fingerprint))
+    def chunk(i: int, delta: dict, finish_reason: str | None = None, logprobs: list[dict] | None = None) -> str:
+        return data(protocol.chunk(id, name, created, delta, finish_reason, None, fingerprint, i, logprobs))
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        event = first
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        ended, prompt_tokens, completion_tokens = 0, 0, 0
+        indexed = first
         while True:
+            i, event = indexed
             if isinstance(event, Delta):
-                if event.text:
-                    yield chunk({"content": event.text})
+                if event.text or event.logprobs:
+                    yield chunk(i, {"content": event.text}, None, event.logprobs)
             elif isinstance(event, Failed):
                 yield data({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
                 break
             elif isinstance(event, Done):
-                yield chunk({}, event.finish_reason)
-                if include_usage:  # as OpenAI sends it: a chunk of its own, no choices
-                    yield data(protocol.usage_chunk(id, name, created, event.prompt_tokens, event.completion_tokens,
-                                                    fingerprint))  # fmt: skip
-                break
-            event = await anext(watch.events)
+                yield chunk(i, {}, event.finish_reason)
+                ended += 1
+                prompt_tokens = event.prompt_tokens
+                completion_tokens += event.completion_tokens
+                if ended == n:
+                    if include_usage:  # as OpenAI sends it: a chunk of its own, no choices
+                        yield data(protocol.usage_chunk(id, name, created, prompt_tokens, completion_tokens,
+                                                        fingerprint))  # fmt: skip
+                    break
+            indexed = await anext(watch.events)
         yield "data: [DONE]\n\n"
     finally:
         try:
@@ -423,3 +444,46 @@ async def _sse(first: Event, watch: _Watch, name: str, fingerprint: str | None =
         finally:
             if done is not None:
                 done()
+
+
+Indexed = tuple[int, Event]
+
+
+async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Indexed]:
+    """The events of one request's choices as (choice, event), in the order they come; closing it
+    (or an exception from one choice, Overloaded say) ends every choice's generation."""
+    if len(streams) == 1:
+        [only] = streams
+        try:
+            async for event in only:
+                yield 0, event
+        finally:
+            await only.aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for event in stream:
+                await queue.put((i, event))
+            await queue.put((i, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        ended = 0
+        while ended < len(streams):
+            i, item = await queue.get()
+            if item is None:
+                ended += 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from phi3mlflow.batching import MAX_WAITING, SEED_RANGE, Delta, Done, Event, Failed, GenerationRequest, truncate_at_stop
@@ -29,6 +29,11 @@ class Prepared:
     request: protocol.ChatRequest
     generation: GenerationRequest
 
+    def choice(self, i: int) -> GenerationRequest:
+        """The generation of choice ``i`` of ``n``: the same request, a seed of its own when seeded."""
+        g = self.generation
+        return g if i == 0 or g.seed is None else replace(g, seed=g.seed + i)
+
 
 class OnnxBackend:
     """The ONNX pyfunc's batching loop: concurrent requests batched, each cancellable."""
@@ -44,8 +49,8 @@ class OnnxBackend:
         request = protocol.parse(body, self.context_length)
         return Prepared(request, self.model.generation_request(request))
 
-    def events(self, prepared: Prepared) -> AsyncIterator[Event]:
-        return self.batcher.aevents(prepared.generation)
+    def events(self, prepared: Prepared, choice: int = 0) -> AsyncIterator[Event]:
+        return self.batcher.aevents(prepared.choice(choice))
 
     def close(self) -> None:
         """End the batching loop (once idle) and drop the model: a swapped-out version's release."""
@@ -128,17 +133,21 @@ class PipelineBackend:
 
     def prepare(self, body) -> Prepared:
         request = protocol.parse(body, self.context_length)
+        if request.guidance is not None:
+            raise InvalidRequest("response_format", "the transformers model cannot constrain its output; serve an "
+                                 "ONNX model (onnx_wrapper) for structured output")  # fmt: skip
         max_tokens = request.max_tokens or self.default_max_tokens
         ids = self.conversation.encode_conversation(request.messages)
         if self.context_length:
             protocol.check_length(len(ids), max_tokens, self.context_length)
         temperature = self.default_temperature if request.temperature is None else request.temperature
-        generation = GenerationRequest(ids, max_tokens, temperature, request.top_p or 1.0, request.stop, request.seed)
+        generation = GenerationRequest(ids, max_tokens, temperature, request.top_p or 1.0, request.stop, request.seed,
+                                       None, request.logprobs)  # fmt: skip
         return Prepared(request, generation)
 
-    def _generate(self, g: GenerationRequest, cancelled: threading.Event) -> tuple[str, str, int]:
-        """(text, finish reason, completion tokens) of one generation, stopped early when
-        ``cancelled`` is set or a stop string appears."""
+    def _generate(self, g: GenerationRequest, cancelled: threading.Event) -> tuple[str, str, int, list[dict] | None]:
+        """(text, finish reason, completion tokens, logprobs entries when asked) of one generation,
+        stopped early when ``cancelled`` is set or a stop string appears."""
         import torch  # heavy: loaded with the model
         from transformers import StoppingCriteria, StoppingCriteriaList  # heavy: as above
 
@@ -156,6 +165,8 @@ class PipelineBackend:
 
         search = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.temperature > 0 else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # fmt: skip
+        if g.logprobs is not None:
+            search.update(output_logits=True, return_dict_in_generate=True)
         input_ids = torch.tensor([g.ids], dtype=torch.long)
         if g.temperature > 0 and g.seed is not None:
             torch.manual_seed(g.seed % SEED_RANGE)  # one generation at a time: the draws are this request's
@@ -163,15 +174,33 @@ class PipelineBackend:
             out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=g.max_tokens,
                                       stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=self.pad_token_id,
                                       **search)  # fmt: skip
-        new = out[0, prompt:].tolist()
+        sequences = out.sequences if g.logprobs is not None else out
+        new = sequences[0, prompt:].tolist()
+        entries = None
+        if g.logprobs is not None:
+            entries = [self._logprob_entry(step[0], t, g.logprobs) for step, t in zip(out.logits, new, strict=False)
+                       if t not in self.eos]  # fmt: skip
         text = decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True).lstrip()
         text, stopped = truncate_at_stop(text, g.stop)
         ended = stopped or bool(new and new[-1] in self.eos)
-        return text, "stop" if ended or len(new) < g.max_tokens else "length", len(new)
+        return text, "stop" if ended or len(new) < g.max_tokens else "length", len(new), entries
 
-    async def events(self, prepared: Prepared) -> AsyncIterator[Event]:
+    def _logprob_entry(self, logits, token: int, top: int) -> dict:
+        """OpenAI's logprobs item for ``token`` drawn from the raw ``logits``, with the ``top`` most likely."""
+        import torch  # heavy: loaded with the model
+
+        lp = torch.log_softmax(logits.double(), dim=-1)
+
+        def item(t: int) -> dict:
+            text = self.tokenizer.decode([t])
+            return {"token": text, "logprob": float(lp[t]), "bytes": list(text.encode("utf-8", "replace"))}
+
+        best = torch.topk(lp, top).indices.tolist() if top else []
+        return {**item(token), "top_logprobs": [item(t) for t in best]}
+
+    async def events(self, prepared: Prepared, choice: int = 0) -> AsyncIterator[Event]:
         cancelled = threading.Event()
-        g = prepared.generation
+        g = prepared.choice(choice)
         try:
             try:
                 out = await self.worker.run(lambda: self._generate(g, cancelled), cancelled)
@@ -183,8 +212,8 @@ class PipelineBackend:
                 return
             if out is None:
                 return
-            text, reason, completion_tokens = out
-            yield Delta(text)
+            text, reason, completion_tokens, entries = out
+            yield Delta(text, entries)
             yield Done(reason, len(g.ids), completion_tokens)
         finally:
             cancelled.set()  # a client that left stops its generation at the next token, or before it starts

@@ -22,9 +22,11 @@ ROLES = ("system", "user", "assistant")
 # every other unknown field is refused rather than silently ignored.
 IGNORED = frozenset({"model", "user"})
 # Fields taken only at the value that asks for nothing (a 400 naming the field otherwise): the
-# penalties at 0, logprobs off.
-ONLY_OFF = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,)}
+# penalties at 0.
+ONLY_OFF = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0)}
+MAX_TOP_LOGPROBS = 20  # OpenAI's own limit
 MAX_STOP = 4  # OpenAI's own limit
+MAX_N = 4  # choices per request: rows of one batch on the ONNX model
 # The longest stop string: matching runs on the one generation thread, so a request's stop strings
 # must cost it microseconds per token whatever their length (a 1 MB stop string once stalled every
 # client for a minute).
@@ -51,6 +53,9 @@ class ChatRequest:
     model: str | None = None  # echoed in the answer; the server answers for one model whatever it says
     seed: int | None = None  # sampling from this seed: the same seed, the same answer
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage and no choices
+    guidance: tuple[str, str] | None = None  # response_format as ORT GenAI guidance: ("json_schema", schema)
+    n: int = 1  # choices to generate
+    logprobs: int | None = None  # None: no logprobs; k: each token's and the k most likely (top_logprobs)
 
 
 def _number(body: dict, name: str) -> float | None:
@@ -67,7 +72,7 @@ def parse(body, context_length: int | None = None) -> ChatRequest:
     if not isinstance(body, dict):
         raise InvalidRequest(None, f"the request must be a JSON object, got {type(body).__name__}")
     taken = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "stream",
-             "stream_options", "seed"}  # fmt: skip
+             "stream_options", "seed", "response_format", "logprobs", "top_logprobs"}  # fmt: skip
     unknown = sorted(set(body) - taken - IGNORED - set(ONLY_OFF))
     if unknown:
         raise InvalidRequest(unknown[0], "unsupported field")
@@ -114,8 +119,10 @@ def parse(body, context_length: int | None = None) -> ChatRequest:
             raise InvalidRequest("stop", f"a stop string may be at most {MAX_STOP_CHARS} characters, got {len(s)}")
         check_text(s, "stop")
     n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise InvalidRequest("n", f"only n=1 is supported, got {n!r}")
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise InvalidRequest("n", f"must be an integer from 1 to {MAX_N}, got {json.dumps(n)[:40]}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequest("stream", f"must be true or false, got {stream!r}")
@@ -135,7 +142,38 @@ def parse(body, context_length: int | None = None) -> ChatRequest:
         include_usage = options.get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise InvalidRequest("stream_options.include_usage", f"must be true or false, got {include_usage!r}")
-    return ChatRequest(checked, max_tokens, temperature, top_p, stop or [], stream, model, seed, include_usage)
+    guidance = response_format(body.get("response_format"))
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise InvalidRequest("logprobs", f"must be true or false, got {json.dumps(wanted)[:40]}")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest("top_logprobs", f"must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}")
+        if not wanted:
+            raise InvalidRequest("top_logprobs", "needs logprobs: true")
+    logprobs = (top or 0) if wanted else None
+    return ChatRequest(checked, max_tokens, temperature, top_p, stop or [], stream, model, seed, include_usage,
+                       guidance, n, logprobs)  # fmt: skip
+
+
+def response_format(value) -> tuple[str, str] | None:
+    """OpenAI's ``response_format`` as a constraint on generation: None for plain text,
+    ("json_schema", <schema>) for ``json_object`` (any JSON object) and ``json_schema``."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ("json_schema", json.dumps({"type": "object"}))
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("response_format", 'json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+        return ("json_schema", json.dumps(schema))
+    raise InvalidRequest("response_format", f'type must be "text", "json_object" or "json_schema", got {kind!r}')
 
 
 def check_length(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
@@ -154,17 +192,23 @@ def new_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def completion(model: str, content: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-               id: str | None = None, fingerprint: str | None = None) -> dict:  # fmt: skip
-    """A ``chat.completion``; ``fingerprint`` (the served model version, when the server knows it)
+def completion(model: str, content: str | list[tuple[str, str]], finish_reason: str | None, prompt_tokens: int,
+               completion_tokens: int, id: str | None = None, fingerprint: str | None = None,
+               logprobs: list[list[dict]] | None = None) -> dict:  # fmt: skip
+    """A ``chat.completion``: ``content`` and ``finish_reason``, or a list of (content, finish
+    reason), one per choice; ``fingerprint`` (the served model version, when the server knows it)
     is OpenAI's ``system_fingerprint``."""
+    answers = content if isinstance(content, list) else [(content, finish_reason or "stop")]
     return {
         "id": id or new_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         **({"system_fingerprint": fingerprint} if fingerprint else {}),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            for i, (text, reason) in enumerate(answers)
+        ],  # fmt: skip
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -184,14 +228,22 @@ def usage_chunk(id: str, model: str, created: int, prompt_tokens: int, completio
 
 
 def chunk(id: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-          usage: dict | None = None, fingerprint: str | None = None) -> dict:  # fmt: skip
+          usage: dict | None = None, fingerprint: str | None = None, index: int = 0,
+          logprobs: list[dict] | None = None) -> dict:  # fmt: skip
     out = {
         "id": id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         **({"system_fingerprint": fingerprint} if fingerprint else {}),
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        "choices": [
+            {
+                "index": index,
+                "delta": delta,
+                "finish_reason": finish_reason,
+                **({"logprobs": {"content": logprobs}} if logprobs is not None else {}),
+            }
+        ],  # fmt: skip
     }
     if usage is not None:
         out["usage"] = usage

@@ -99,8 +99,8 @@ def test_a_caller_whose_sink_raises_ends_only_its_own_answer(int4_model):
 
     good: queue.SimpleQueue = queue.SimpleQueue()
     before = batcher.batches
-    first = batcher.submit(turn["What is the capital of Spain?"], broken)
-    second = batcher.submit(turn["What is the capital of Italy?"], good.put)
+    first, second = batcher.submit_many([(turn["What is the capital of Spain?"], broken),
+                                         (turn["What is the capital of Italy?"], good.put)])  # fmt: skip
     events = [good.get(timeout=60)]
     while isinstance(events[-1], Delta):
         events.append(good.get(timeout=60))

@@ -278,3 +278,135 @@ def test_a_seed_makes_sampling_reproducible_streamed_or_not(servers, wrapper):
 
     assert whole(11) == whole(11) == streamed(11)
     assert len({whole(seed) for seed in (1, 2, 3, 4)}) > 1
+
+
+@pytest.mark.slow
+def test_response_format_constrains_the_onnx_model_and_the_transformers_model_refuses_it(servers):
+    import openai
+
+    schema = {"type": "string", "enum": ["Madrid", "Lisbon"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}}
+    c = client(servers["onnx"])
+    for stream in (False, True):
+        raw = json.dumps({"messages": USER, "max_tokens": 16, "response_format": fmt, "stream": stream}).encode()
+        req = urllib.request.Request(
+            f"{servers['onnx']}/v1/chat/completions", raw, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            body = r.read().decode()
+        if stream:
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(body.splitlines())[:-1])
+        else:
+            text = json.loads(body)["choices"][0]["message"]["content"]
+        assert json.loads(text) in schema["enum"], text
+    obj = c.chat.completions.create(model="m", messages=USER, max_tokens=64, response_format={"type": "json_object"})
+    assert obj.choices[0].message.content.lstrip().startswith("{")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="m", messages=USER, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})  # fmt: skip
+    assert e.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(servers["chat"]).chat.completions.create(model="m", messages=USER, response_format=fmt)
+    assert e.value.body["param"] == "response_format"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["onnx", "chat"])
+def test_n_choices_each_answer_and_usage_adds_them_up(servers, wrapper):
+    from openai.types.chat import ChatCompletion
+
+    c = client(servers[wrapper])
+    raw = c.chat.completions.with_raw_response.create(model="m", messages=USER, max_tokens=32, n=3)
+    out = ChatCompletion.model_validate_json(raw.content)
+    assert [ch.index for ch in out.choices] == [0, 1, 2]
+    assert {ch.message.content for ch in out.choices} == {"The capital of Spain is Madrid."}  # greedy: one answer
+    single = c.chat.completions.create(model="m", messages=USER, max_tokens=32)
+    assert out.usage.prompt_tokens == single.usage.prompt_tokens
+    assert out.usage.completion_tokens == 3 * single.usage.completion_tokens
+    sampled = {"model": "m", "messages": USER, "max_tokens": 12, "temperature": 5.0, "n": 2, "seed": 5}
+    first = [ch.message.content for ch in c.chat.completions.create(**sampled).choices]
+    assert first == [ch.message.content for ch in c.chat.completions.create(**sampled).choices]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["onnx", "chat"])
+def test_logprobs_of_a_greedy_answer_spell_it_and_rank_it_first(servers, wrapper):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    ask = {"messages": USER, "max_tokens": 32, "logprobs": True, "top_logprobs": 3}
+    status, text = post(f"{servers[wrapper]}/v1/chat/completions", ask)
+    assert status == 200, text
+    out = ChatCompletion.model_validate_json(text)
+    entries = out.choices[0].logprobs.content
+    assert "".join(e.token for e in entries).strip() == out.choices[0].message.content
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].token == e.token  # greedy: the token drawn is the most likely
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-4)
+        assert sum(2.718281828**t.logprob for t in e.top_logprobs) <= 1 + 1e-6
+    with urllib.request.urlopen(urllib.request.Request(
+            f"{servers[wrapper]}/v1/chat/completions", json.dumps({**ask, "stream": True}).encode(),
+            {"Content-Type": "application/json"}), timeout=120) as r:  # fmt: skip
+        chunks = [
+            ChatCompletionChunk.model_validate_json(json.dumps(e))
+            for e in sse_events(r.read().decode().splitlines())[:-1]
+        ]
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+
+
+@pytest.mark.slow
+def test_langchain_openai_talks_to_the_server_fields_and_all(servers, monkeypatch):
+    """LangChain's ChatOpenAI, as people put it in front of local servers: a plain call, a stream
+    whose usage comes from the separate usage chunk, n choices, a seed, logprobs."""
+    from langchain_openai import ChatOpenAI
+
+    monkeypatch.setenv("LANGSMITH_TRACING", "false")
+    base = f"{servers['onnx']}/v1"
+    chat = ChatOpenAI(base_url=base, api_key="unused", model="m", max_tokens=32, temperature=0, max_retries=0)
+    question = "What is the capital of Spain?"
+    assert chat.invoke(question).content == "The capital of Spain is Madrid."
+    streaming = ChatOpenAI(base_url=base, api_key="unused", model="m", max_tokens=32, temperature=0, max_retries=0,
+                           stream_usage=True)  # fmt: skip
+    whole = None
+    for piece in streaming.stream(question):
+        whole = piece if whole is None else whole + piece
+    assert whole.content == "The capital of Spain is Madrid."
+    assert whole.usage_metadata["output_tokens"] > 0 and whole.usage_metadata["input_tokens"] > 0
+    three = ChatOpenAI(base_url=base, api_key="unused", model="m", max_tokens=32, temperature=0, n=3, max_retries=0)
+    [generations] = three.generate([[("user", question)]]).generations
+    assert [g.text for g in generations] == ["The capital of Spain is Madrid."] * 3
+    seeded = ChatOpenAI(base_url=base, api_key="unused", model="m", max_tokens=12, temperature=5.0, seed=9,
+                        max_retries=0)  # fmt: skip
+    assert seeded.invoke(question).content == seeded.invoke(question).content
+    scored = ChatOpenAI(base_url=base, api_key="unused", model="m", max_tokens=32, temperature=0, logprobs=True,
+                        top_logprobs=2, max_retries=0)  # fmt: skip
+    content = scored.invoke(question).response_metadata["logprobs"]["content"]
+    assert "".join(e["token"] for e in content).strip() == "The capital of Spain is Madrid."
+
+
+@pytest.mark.slow
+def test_a_late_request_behind_a_long_stream_gets_its_answer_first(servers):
+    """Asserted on the order of events: the late request's answer is complete before the long
+    stream's next chunks arrive in full."""
+    import threading
+
+    c = client(servers["onnx"])
+    # The tiny model under a JSON-object constraint rambles to max_tokens: a long answer.
+    long_stream = c.chat.completions.create(model="m", messages=USER, max_tokens=300, stream=True,
+                                            response_format={"type": "json_object"})  # fmt: skip
+    order: list[str] = []
+    chunks = iter(long_stream)
+    for _ in range(5):  # the long answer is under way
+        next(chunks)
+    late = threading.Thread(
+        target=lambda: order.append(
+            "late:" + c.chat.completions.create(model="m", messages=USER, max_tokens=32).choices[0].message.content
+        )
+    )
+    late.start()
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].finish_reason:
+            order.append(f"long:{chunk.choices[0].finish_reason}")
+    late.join(120)
+    assert order == ["late:The capital of Spain is Madrid.", "long:length"]

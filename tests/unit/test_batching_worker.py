@@ -44,6 +44,9 @@ class ScriptedOg:
                 self.search = search
                 og.searches.append(search)
 
+            def set_guidance(self, kind, text):
+                self.search["guidance"] = (kind, text)
+
         class Generator:
             def __init__(self, model, params):
                 self.params, self.step, self.rows = params, 0, None
@@ -67,6 +70,14 @@ class ScriptedOg:
             def get_next_tokens(self):
                 return [row[min(self.step - 1, len(row) - 1)] for row in self.rows]
 
+            def get_logits(self):
+                """Before a step: the scripted next token at logit 2, token 3 at 1, the rest 0."""
+                logits = np.zeros((len(self.rows), 1, 16), dtype=np.float32)
+                for i, row in enumerate(self.rows):
+                    logits[i, 0, 3] = 1.0
+                    logits[i, 0, row[min(self.step, len(row) - 1)]] = 2.0
+                return logits
+
         self.GeneratorParams, self.Generator = GeneratorParams, Generator
 
 
@@ -78,6 +89,9 @@ class Stream:
 class Tokenizer:
     def create_stream(self):
         return Stream()
+
+    def decode(self, ids) -> str:
+        return "".join(VOCAB.get(int(t), "") for t in ids)
 
 
 def make(og: ScriptedOg | None = None, **kw) -> tuple[BatchLoop, ScriptedOg]:
@@ -151,6 +165,67 @@ def test_seeded_sampled_requests_decode_alone_from_their_seed():
     assert loop.batches == 3 and sorted(s["batch_size"] for s in og.searches) == [1, 1, 2]
     assert [s.get("random_seed") for s in og.searches if s["batch_size"] == 1] == [7, 7]
     assert all("random_seed" not in s for s in og.searches if s["batch_size"] == 2)
+
+
+def test_requests_with_different_constraints_never_share_a_batch():
+    loop, og = make()
+    schema = ("json_schema", '{"type": "object"}')
+    other = ("json_schema", '{"type": "string"}')
+    constrained = [GenerationRequest([10, 50, 51], 20, guidance=g) for g in (schema, other, schema, None)]
+    loop.complete_all(constrained)
+    got = sorted(repr((s["batch_size"], s.get("guidance"))) for s in og.searches)
+    assert loop.batches == 3 and got == sorted(map(repr, [(1, None), (1, other), (2, schema)]))
+
+
+def test_logprobs_come_with_the_text_of_their_tokens_and_the_top_alternatives():
+    loop, _ = make()
+    scored = GenerationRequest([10, 50, 51], 20, logprobs=2)
+    events = list(loop.events(scored))
+    entries = [e for d in events if isinstance(d, Delta) for e in d.logprobs]
+    # One entry per generated token but the end token, in order, spelling the answer.
+    assert "".join(e["token"] for e in entries) == "".join(d.text for d in events if isinstance(d, Delta))
+    assert len(entries) == 5 and entries[0]["token"] == "Mad"
+    expected = 2 - np.log(np.exp(2) + np.exp(1) + 14)  # softmax over 16 logits: 2, 1 and fourteen 0s
+    assert entries[0]["logprob"] == pytest.approx(expected)
+    assert [t["token"] for t in entries[0]["top_logprobs"]] == ["Mad", "."]
+    assert entries[2]["top_logprobs"][0]["token"] == "."
+    # Without logprobs asked for, the deltas carry none.
+    assert all(d.logprobs is None for d in loop.events(request(11)) if isinstance(d, Delta))
+
+
+def test_a_request_arriving_while_a_long_answer_decodes_does_not_wait_for_it():
+    loop, og = make()
+    og.step_s = 0.002
+    long_box: queue.SimpleQueue = queue.SimpleQueue()
+    loop.submit(request(12, max_tokens=50), long_box.put)  # 50 steps of " x"
+    while loop.batches == 0:
+        threading.Event().wait(0.001)
+    short = list(loop.events(request(11)))  # "Rome." in 4 steps
+    assert "".join(e.text for e in short if isinstance(e, Delta)) == "Rome."
+    # The short answer ended while the long one was still decoding: it was stepped beside it.
+    assert long_box.qsize() < 50 and loop.batches == 2
+    events = collect(long_box)
+    while not isinstance(events[-1], Done):
+        events += collect(long_box)
+    assert events[-1] == Done("length", 3, 50)
+
+
+def test_running_batches_share_one_kv_budget():
+    # Each batch may grow to 3 + 20 tokens x 1 byte: the budget holds two one-row batches, not three.
+    loop, og = make(kv_bytes_per_token=1, max_batch_kv_bytes=46)
+    og.step_s = 0.005
+    running: list[int] = []
+    loop.on_batch = lambda size: running.append(len(loop._active) + 1)
+    boxes = [queue.SimpleQueue() for _ in range(3)]
+    for box in boxes:
+        loop.submit(request(12, max_tokens=20), box.put)
+        threading.Event().wait(0.02)
+    for box in boxes:
+        events = collect(box)
+        while not isinstance(events[-1], Done):
+            events += collect(box)
+    # Three batches, never more than two running at once: the third waited for room.
+    assert loop.batches == 3 and max(running) == 2 and running[:2] == [1, 2]
 
 
 def test_a_request_cancelled_mid_batch_gets_one_cancelled_and_its_mate_goes_on():

@@ -34,7 +34,7 @@ class ScriptedBackend:
         request = protocol.parse(body, 256)
         return Prepared(request, GenerationRequest([1, 2, 3], request.max_tokens or 16))
 
-    async def events(self, prepared: Prepared):
+    async def events(self, prepared: Prepared, choice: int = 0):
         try:
             if isinstance(self.script, Exception):
                 raise self.script
@@ -87,7 +87,7 @@ def test_a_stream_asked_for_usage_ends_with_a_usage_chunk_without_choices():
 
 @pytest.mark.parametrize(
     "body,param",
-    [({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"), ({"messages": USER, "n": 2}, "n"),
+    [({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"), ({"messages": USER, "n": 5}, "n"),
      ({"messages": USER, "max_tokens": 0}, "max_tokens"), ({"messages": USER, "tools": []}, "tools"),
      ([1, 2], None)],
 )  # fmt: skip
@@ -133,7 +133,7 @@ def test_models_lists_the_served_model():
 
 def _complete(http, first, events):
     """app._complete for a one-message request, the way the chat route calls it."""
-    return app_module._complete(app_module._Watch(http, events), first, "m")
+    return app_module._complete(app_module._Watch(http, app_module.merge([events])), (0, first), "m")
 
 
 class _StillThere:
@@ -218,3 +218,50 @@ def test_a_request_cancelled_during_a_step_still_cancels_its_generation():
 
     asyncio.run(cancel_mid_step())
     assert closed == [True]
+
+
+# --- n choices -------------------------------------------------------------------------------------
+
+
+class Choices(ScriptedBackend):
+    """Choice i answers "answer i" in i + 1 tokens (Overloaded for the choice in ``refuse``)."""
+
+    def __init__(self, refuse: int | None = None):
+        super().__init__([])
+        self.refuse = refuse
+
+    async def events(self, prepared: Prepared, choice: int = 0):
+        try:
+            if choice == self.refuse:
+                raise Overloaded("full")
+            for k in range(choice + 1):
+                await asyncio.sleep(0.001)
+                yield Delta("answer" if k == 0 else f" {choice}")
+            yield Done("stop", 10, choice + 1)
+        finally:
+            self.closed += 1
+
+
+def test_n_choices_come_back_indexed_with_the_prompt_counted_once():
+    backend = Choices()
+    c = TestClient(app_module.create_app(backend, "m"))
+    out = ChatCompletion.model_validate_json(c.post("/v1/chat/completions", json={"messages": USER, "n": 3}).content)
+    assert [ch.index for ch in out.choices] == [0, 1, 2]
+    assert [ch.message.content for ch in out.choices] == ["answer", "answer 1", "answer 2 2"]
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (10, 1 + 2 + 3) and backend.closed == 3
+    body = {"messages": USER, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    events = sse_events(c.post("/v1/chat/completions", json=body).text.splitlines())
+    chunks = [ChatCompletionChunk.model_validate_json(json.dumps(e)) for e in events[:-1]]
+    texts = {i: "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
+             for i in (0, 1)}  # fmt: skip
+    assert texts == {0: "answer", 1: "answer 1"}
+    finished = {ch.choices[0].index: ch.choices[0].finish_reason for ch in chunks
+                if ch.choices and ch.choices[0].finish_reason}  # fmt: skip
+    assert finished == {0: "stop", 1: "stop"} and chunks[-1].usage.completion_tokens == 3
+
+
+def test_one_choice_refused_refuses_the_request_and_ends_the_others():
+    backend = Choices(refuse=1)
+    c = TestClient(app_module.create_app(backend, "m"))
+    r = c.post("/v1/chat/completions", json={"messages": USER, "n": 3})
+    assert r.status_code == 503 and backend.closed == 3

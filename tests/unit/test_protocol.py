@@ -3,6 +3,8 @@ refused naming its field in ``param``, before any model work; and the stop-strin
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from phi3mlflow.batching import held_back, truncate_at_stop
@@ -22,28 +24,47 @@ BAD = [
     ({"messages": USER, "temperature": -0.5}, "temperature"),
     ({"messages": USER, "temperature": float("inf")}, "temperature"),
     ({"messages": USER, "top_p": 0}, "top_p"),
-    ({"messages": USER, "n": 2}, "n"),
+    ({"messages": USER, "n": 5}, "n"),
     ({"messages": USER, "stop": [""]}, "stop"),
     ({"messages": USER, "tools": []}, "tools"),
     ({"messages": USER, "stream": "yes"}, "stream"),
     ({"messages": USER, "model": 3}, "model"),
     ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": USER, "presence_penalty": -1}, "presence_penalty"),
-    ({"messages": USER, "logprobs": True}, "logprobs"),
+    ({"messages": USER, "logprobs": "yes"}, "logprobs"),
     ({"messages": USER, "top_logprobs": 5}, "top_logprobs"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": USER, "seed": "7"}, "seed"),
     ({"messages": USER, "seed": 1.5}, "seed"),
     ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": USER, "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
-    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": USER, "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"messages": USER, "response_format": "json"}, "response_format"),
 ]
+
+
+def test_response_format_becomes_a_json_schema_constraint():
+    assert protocol.parse({"messages": USER}).guidance is None
+    assert protocol.parse({"messages": USER, "response_format": {"type": "text"}}).guidance is None
+    assert protocol.parse({"messages": USER, "response_format": {"type": "json_object"}}).guidance == (
+        "json_schema", '{"type": "object"}')  # fmt: skip
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    body = {
+        "messages": USER,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    }
+    kind, text = protocol.parse(body).guidance
+    assert kind == "json_schema" and json.loads(text) == schema
 
 
 def test_fields_at_the_value_that_asks_for_nothing_are_taken():
     body = {"messages": USER, "frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": False, "seed": 42,
             "stream": True, "stream_options": {"include_usage": True}, "user": "u"}  # fmt: skip
     request = protocol.parse(body)
-    assert request.seed == 42 and request.include_usage is True
+    assert request.seed == 42 and request.include_usage is True and request.logprobs is None
+    assert protocol.parse({"messages": USER, "logprobs": True}).logprobs == 0
+    assert protocol.parse({"messages": USER, "logprobs": True, "top_logprobs": 20}).logprobs == 20
 
 
 @pytest.mark.parametrize("body,field", BAD)

@@ -117,7 +117,7 @@ def test_parsing_and_tokenizing_run_off_the_event_loop():
         ({"inputs": {"prompt": ["ok", 3]}}, "prompt 1 must be a non-empty string"),
         ({"dataframe_records": [{"prompt": ""}]}, "prompt 0 must be a non-empty string"),
         ({"messages": USER, "tools": []}, "tools: unsupported field"),
-        ({"dataframe_records": [{"messages": USER}, {"messages": USER, "n": 3}]}, "row 1: n: only n=1"),
+        ({"dataframe_records": [{"messages": USER}, {"messages": USER, "n": 7}]}, "row 1: n: must be an integer"),
         ({"messages": USER, "stream": True}, "stream"),
         (b"[" * 100_000, "body: nested too deeply"),
     ],

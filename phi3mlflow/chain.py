@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +18,10 @@ import yaml
 
 from phi3mlflow import PROJECT_ROOT, sources, tags
 from phi3mlflow.cache import MARKER, tree_digest, versions
+from phi3mlflow.cli import take_cancel
 from phi3mlflow.deps import step_files
 from phi3mlflow.errors import InputError
+from phi3mlflow.stderr_tail import StderrTail
 from phi3mlflow.tracking import requirement_pins
 
 # What a profile may set, and so what the chain passes on; main's CLI overrides any of them.
@@ -35,6 +40,10 @@ OPTIONAL_KEYS = ("max_accuracy_drop", "max_prompts_per_request", "max_total_new_
 # and docs are not code: data reaches a step through a parameter, whose content is keyed itself.
 CODE_GLOBS = ("MLproject", "python_env.yaml", "conda.yaml", "requirements*.txt", "steps/**/*.py",
               "phi3mlflow/**/*.py")  # fmt: skip
+# A failed step's stderr tail as kept on its run (tag phi3.stderr_tail), and its last line in main's error.
+TAIL_TAG_CHARS, LAST_LINE_CHARS = 2000, 300
+# The entry points a chain runs: their runs may be ended by a later chain when left RUNNING (serve's never).
+CHAIN_ENTRY_POINTS = ("main", "pipeline_wrapper", "onnx_wrapper", "evaluate", "register")
 # Parameters that name a file or folder: the step cache keys on what they hold, not on the string.
 CONTENT_PARAMS = ("model", "onnx_model_dir", "dataset")
 
@@ -140,6 +149,47 @@ def input_digest(param: str, value: str) -> str | None:
     return tree_digest(path) if path.exists() else "missing"
 
 
+def process_tag(pid: int | None = None) -> str:
+    """The value of tag phi3.process for process ``pid`` (this one by default) on this host."""
+    return f"{socket.gethostname()} {pid or os.getpid()}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process of this host that may still end its run (not a reused PID)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): alive as far as can be told
+    return b"steps." in cmdline or b"mlflow" in cmdline or b"bash" in cmdline
+
+
+def abandoned(runs, before_ms: int, host: str, alive=process_alive) -> list[tuple[str, str]]:
+    """``(run_id, cause)`` of the runs an earlier chain left RUNNING and that nothing will end:
+    RUNNING, tagged phi3.process by a chain (main or one of its steps; never a serve run, whose
+    server may be up), started before ``before_ms`` (the current chain's start), on this host, and
+    whose process is gone. A run of another host is left alone: its process cannot be looked at."""
+    out = []
+    for run in runs:
+        where = run.data.tags.get(tags.PROCESS, "")
+        entry = run.data.tags.get("mlflow.project.entryPoint")
+        if run.info.status != "RUNNING" or not where or entry not in CHAIN_ENTRY_POINTS:
+            continue
+        if run.info.start_time is None or run.info.start_time >= before_ms:
+            continue
+        run_host, _, pid = where.rpartition(" ")
+        if run_host != host or not pid.isdigit() or alive(int(pid)):
+            continue
+        out.append((run.info.run_id, f"its process ({pid} on {host}) is gone and left it RUNNING; marked FAILED"
+                                      " by a later chain"))  # fmt: skip
+    return out
+
+
 @dataclass
 class StepResult:
     name: str
@@ -165,8 +215,25 @@ class Chain:
         self.use_cache = use_cache
         self.env_manager = env_manager
         self.code = code_version()
+        self.client.set_tag(parent_run_id, tags.PROCESS, process_tag())
         self._step_code: dict[str, str] = {}
         self._digests: dict[tuple[str, str], str | None] = {}
+
+    def end_abandoned(self, before_ms: int) -> list[str]:
+        """End FAILED, with the cause tagged, the runs earlier chains of this experiment left RUNNING
+        whose process is gone (a stopped tracking server, a killed main); their IDs."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=500
+        )
+        ended = []
+        for run_id, cause in abandoned(runs, before_ms, socket.gethostname()):
+            if run_id == self.parent_run_id:
+                continue
+            self.client.set_tag(run_id, tags.ERROR, cause)
+            self.client.set_tag(run_id, "mlflow.note.content", f"Failed: {cause}")
+            self.client.set_terminated(run_id, "FAILED")
+            ended.append(run_id)
+        return ended
 
     def inputs(self, params: dict) -> dict:
         """Content digests of the files and folders ``params`` name, computed once per chain run."""
@@ -213,16 +280,20 @@ class Chain:
             print(f"main: {label}: not reusing run {hit.info.run_id}: {problem}; running again", flush=True)
         print(f"main: {label}: running with {params}", flush=True)
         launched_ms = int(time.time() * 1000)
+        stderr = StderrTail()
         try:
-            submitted = mlflow.run(
-                str(PROJECT_ROOT),
-                entry_point=name,
-                parameters=params,
-                experiment_id=self.experiment_id,
-                env_manager=self.env_manager,
-                synchronous=False,  # waited for below, where the child's exit status can be read
-            )
-            self._wait(label, submitted)
+            # The child's stderr passes through a tee: its last lines outlive a child killed from outside.
+            with stderr.attached():
+                submitted = mlflow.run(
+                    str(PROJECT_ROOT),
+                    entry_point=name,
+                    parameters=params,
+                    experiment_id=self.experiment_id,
+                    env_manager=self.env_manager,
+                    synchronous=False,  # waited for below, where the child's exit status can be read
+                )
+            self.client.set_tag(submitted.run_id, tags.PROCESS, process_tag(submitted.command_proc.pid))
+            self._wait(label, submitted, stderr.tail)
         except StepFailed:
             raise
         except Exception as e:  # noqa: BLE001 - the step's own failure, or its environment's (virtualenv, conda)
@@ -241,13 +312,16 @@ class Chain:
             self.client.set_tag(submitted.run_id, k, v)
         return self._record(StepResult(label, submitted.run_id, False))
 
-    def _wait(self, label: str, submitted) -> None:
+    def _wait(self, label: str, submitted, stderr_tail: Callable[[], str] = str) -> None:
         """Wait for a launched step; a cancel (SIGTERM/SIGINT) stops it too. A step that fails records
         its cause on its run; one that dies without a Python error (killed from outside, out of
-        memory) cannot, so its signal or exit status is recorded here, on its run and in the error."""
+        memory) cannot, so its signal or exit status and the last lines of its stderr
+        (``stderr_tail()``) are recorded here, on its run, and named in the error."""
         try:
             ok = submitted.wait()
         except BaseException as e:
+            # The chain takes the cancel: the watchdog must not raise it again while the step stops.
+            take_cancel()
             # The step records its own cancellation as it stops (cancel waits for it); where it could
             # not (stopped before its handler ran), the chain's cause ("cancelled by SIGTERM") goes on.
             submitted.cancel()
@@ -262,18 +336,26 @@ class Chain:
             how = f"killed by {signal.Signals(sig).name}" if sig else f"exited with status {code}"
         except ValueError:
             how = f"exited with status {code}"
+        tail = stderr_tail()[-TAIL_TAG_CHARS:]
         run = self.client.get_run(submitted.run_id)
-        cause = run.data.tags.get(tags.ERROR) or f"the step was {how}, with no error of its own"
+        own = run.data.tags.get(tags.ERROR)
+        cause = own or f"the step was {how}, with no error of its own"
         self.client.set_tag(submitted.run_id, tags.EXIT, how)
-        self._end(submitted.run_id, cause)
+        if tail:
+            self.client.set_tag(submitted.run_id, tags.STDERR_TAIL, tail)
+        if not own:
+            last = tail.splitlines()[-1].strip()[:LAST_LINE_CHARS] if tail else ""
+            cause += f"; its stderr ended: {last}" if last else "; it wrote nothing to stderr"
+        self._end(submitted.run_id, cause, tail)
         raise StepFailed(label, submitted.run_id, cause if how in cause else f"{cause} ({how})")
 
-    def _end(self, run_id: str, cause: str | None) -> None:
+    def _end(self, run_id: str, cause: str | None, stderr_tail: str = "") -> None:
         """The child's run ended as the step did (a killed step could not end it itself)."""
         run = self.client.get_run(run_id)
         if cause and tags.ERROR not in run.data.tags:
             self.client.set_tag(run_id, tags.ERROR, cause[:1000])
-            self.client.set_tag(run_id, "mlflow.note.content", f"Failed: {cause[:1000]}")
+            told = f"\n\nThe last lines of its stderr:\n\n```\n{stderr_tail}\n```" if stderr_tail else ""
+            self.client.set_tag(run_id, "mlflow.note.content", f"Failed: {cause[:1000]}{told}")
         if run.info.status == "RUNNING":
             self.client.set_terminated(run_id, "FINISHED" if cause is None else "FAILED")
 

@@ -10,6 +10,8 @@ import gc
 import os
 import signal
 import sys
+import threading
+import time
 from typing import NoReturn
 
 from phi3mlflow import sources, tags
@@ -21,12 +23,61 @@ ERROR_TAG = tags.ERROR
 _LAUNCH_RUN_ID = os.environ.get("MLFLOW_RUN_ID")
 
 
+# MLflow's HTTP client retries a failed request 7 times with a backoff of 2 s doubling, each try
+# waiting up to 120 s: a stopped tracking server held a chain for 29 minutes. These defaults bound
+# one request to 3 tries (about 3 s against a stopped server; 3 x 30 s against one that does not
+# answer); a value the user set wins.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+# Exception types (by name, so that no HTTP library is imported here) that mean the tracking server
+# did not answer, wherever they sit in an exception's chain.
+_UNREACHABLE = ("ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "MaxRetryError",
+                "NewConnectionError", "RetryError", "ConnectionRefusedError")  # fmt: skip
+
+
+def bound_http_retries(environ=os.environ) -> None:
+    """Set MLflow's HTTP retry and timeout defaults (HTTP_DEFAULTS) where the user has not."""
+    for key, value in HTTP_DEFAULTS.items():
+        environ.setdefault(key, value)
+
+
+def store_unreachable(e: BaseException) -> str | None:
+    """The one-line cause when ``e`` is the tracking server not answering, else None."""
+    chain: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and x not in chain:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    if not any(
+        type(x).__name__ in _UNREACHABLE
+        or "Max retries exceeded" in str(x)
+        or (type(x).__name__ == "MlflowException" and str(x).startswith("API request to"))
+        for x in chain
+    ):
+        return None
+    refused = any(isinstance(x, ConnectionRefusedError) or "refused" in str(x).lower() for x in chain)
+    reason = "it refused the connection" if refused else "it did not answer"
+    return f"the tracking server {_tracking_uri()} cannot be reached ({reason})"
+
+
+def _tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "(MLFLOW_TRACKING_URI)"
+
+
 class Cancelled(KeyboardInterrupt):
     """SIGTERM or SIGINT arrived. A KeyboardInterrupt, so mlflow.run cancels a running child step."""
 
     def __init__(self, signum: int):
         super().__init__(f"cancelled by {signal.Signals(signum).name}")
         self.signum = signum
+
+
+def launched_run_id() -> str | None:
+    """The run ``mlflow run`` made for this step (MLFLOW_RUN_ID at start-up), or None when run directly."""
+    return _LAUNCH_RUN_ID
 
 
 def _current_run_id() -> str | None:
@@ -61,12 +112,79 @@ def record_failure(message: str, status: str | None = None, keep_existing: bool 
         pass
 
 
+# A cancel must stop the step even when the raise lands where Python ignores it (a __del__, a
+# weakref callback, a generator's close: "Exception ignored in ... Cancelled"). The first signal
+# starts a watchdog: until a handler has taken the cancel (run_main's, or the chain's while it stops
+# its child), it raises Cancelled again in the main thread every REPEAT_S seconds; whatever happens,
+# the process ends DEADLINE_S seconds after the signal, its cause recorded on the run, with the
+# status a signal gives (128 + its number).
+REPEAT_S = 2.0
+DEADLINE_S = 60.0
+RECORD_S = 10.0  # how long the watchdog waits for the tracking store before it exits anyway
+
+
+class _CancelState:
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first SIGTERM/SIGINT, once one arrived
+        self.taken = threading.Event()  # a handler caught the Cancelled and is ending the process
+        self.due = False  # the watchdog asks the signal handler to raise again
+
+
+_cancel = _CancelState()
+
+
+def _hard_exit(status: int) -> None:  # a seam for the unit tests, which must not end pytest
+    os._exit(status)
+
+
+def take_cancel() -> None:
+    """Say that the Cancelled has been caught by code that ends the process (or the chain): the
+    watchdog stops raising it again, so that the cleanup runs uninterrupted; the deadline stands."""
+    _cancel.taken.set()
+
+
+def cancel_requested() -> int | None:
+    """The signal number of a cancel that arrived (even one whose Cancelled was swallowed), else None."""
+    return _cancel.signum
+
+
 def _raise_cancelled(signum, frame):
-    # Once is enough: Ctrl-C reaches every process of the group and mlflow.run then sends SIGTERM
-    # too; a second Cancelled during the cleanup would lose the cause.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise Cancelled(signum)
+    if _cancel.signum is None:
+        _cancel.signum = signum
+        watchdog = threading.Thread(
+            target=_watchdog, args=(_cancel, record_failure, _hard_exit), name="phi3-cancel-watchdog", daemon=True
+        )
+        watchdog.start()
+    elif not _cancel.due:
+        # Once is enough: Ctrl-C reaches every process of the group and mlflow.run then sends
+        # SIGTERM too; a second Cancelled during the cleanup would lose the cause.
+        return
+    _cancel.due = False
+    raise Cancelled(_cancel.signum)
+
+
+def _watchdog(state: _CancelState, record, hard_exit) -> None:
+    """Raise a swallowed Cancelled again every REPEAT_S seconds until a handler takes it; end the
+    process DEADLINE_S seconds after the signal whatever happens, the cause recorded first."""
+    signum = state.signum
+    assert signum is not None
+    deadline = time.monotonic() + DEADLINE_S
+    main_thread = threading.main_thread().ident
+    while time.monotonic() < deadline:
+        if state.taken.wait(min(REPEAT_S, max(0.0, deadline - time.monotonic()))):
+            time.sleep(max(0.0, deadline - time.monotonic()))  # the cleanup runs; the deadline stands
+            break
+        if main_thread:
+            # The raise was swallowed (or the cleanup is slow): raise it again. A real signal to
+            # the main thread also interrupts a blocking call there (time.sleep, a socket read).
+            state.due = True
+            signal.pthread_kill(main_thread, signum)
+    cause = f"cancelled by {signal.Signals(signum).name}; the step did not stop within {DEADLINE_S:g} s"
+    sys.stderr.write(f"{_prog()}: {cause}, exiting\n")
+    recorder = threading.Thread(target=record, args=(cause, "KILLED", True), daemon=True)
+    recorder.start()
+    recorder.join(RECORD_S)
+    hard_exit(128 + signum)
 
 
 def _die_with_parent() -> None:
@@ -96,6 +214,8 @@ def run_main(main, parse_args) -> None:
 
     SIGTERM and SIGINT raise Cancelled: the step's run ends KILLED with the cause tagged, and a
     child step that main is waiting for is cancelled too (mlflow.run does that on KeyboardInterrupt).
+    A Cancelled that Python swallowed is raised again by a watchdog, and the process ends within
+    DEADLINE_S seconds of the signal whatever the step does (see ``_watchdog``).
 
     Every step process imports MLflow (a heap of a few hundred thousand objects with its SQL
     store), and the cyclic garbage collector walks that heap again and again while it grows and
@@ -107,6 +227,7 @@ def run_main(main, parse_args) -> None:
     signal.signal(signal.SIGTERM, _raise_cancelled)
     signal.signal(signal.SIGINT, _raise_cancelled)
     _die_with_parent()
+    bound_http_retries()
     try:
         args = parse_args(sys.argv[1:])
         gc.disable()
@@ -116,13 +237,27 @@ def run_main(main, parse_args) -> None:
             gc.freeze()
             gc.enable()
         main(args)
+        if _cancel.signum is not None:
+            # A cancel whose Cancelled was swallowed and the step still got to its end: it was
+            # cancelled all the same (nothing after this point may count as done).
+            raise Cancelled(_cancel.signum)
     except Cancelled as e:
+        take_cancel()
         sys.stderr.write(f"{_prog()}: {e}\n")
         record_failure(str(e), status="KILLED", keep_existing=True)
         raise SystemExit(128 + e.signum) from None
     except InputError as e:
         fail(e.parameter, e.message)
     except Exception as e:
+        unreachable = store_unreachable(e)
+        if unreachable:
+            # Nothing can be recorded on a store that does not answer, and every further request
+            # (the run's end, MLflow's own at exit) would wait out its retries again: one line, and
+            # out. The runs left RUNNING end FAILED when the next chain starts (phi3mlflow/chain.py).
+            sys.stderr.write(f"error: {_prog()}: {unreachable}\n")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            _hard_exit(1)
         record_failure(f"{type(e).__name__}: {first_line(e)}")
         raise
     finally:

@@ -103,6 +103,17 @@ class _Damaged(Exception):
 
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+# The fewest bytes one item can take: a string is its 8-byte length; an array its 4-byte item type
+# and 8-byte count; a metadata entry an empty key, its 4-byte type and a 1-byte value; a tensor
+# entry an empty name, 1 dimension, its type and offset. A count beyond what the rest of the file
+# can hold at that size is refused before any item is read.
+_MIN_ITEM = {_STRING: 8, _ARRAY: 12}
+_MIN_KV, _MIN_TENSOR = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8
+# Caps whatever the file size: the header is walked item by item in Python (~1 microsecond each), so
+# these bound :func:`inspect` to about two seconds. Real files stay far below: a few dozen metadata
+# keys, hundreds to tens of thousands of tensors, and under a million vocabulary and merge strings
+# together (Llama 3: 128,256 tokens and 280,147 merges).
+MAX_KV, MAX_TENSORS, MAX_HEADER_ITEMS = 65_536, 1_000_000, 2_000_000
 
 
 class _Header:
@@ -111,6 +122,7 @@ class _Header:
     def __init__(self, buf, size: int):
         self.buf, self.size, self.pos = buf, size, 0
         self.order = "<"
+        self.items = 0  # string and array items walked so far, against MAX_HEADER_ITEMS
 
     def _unpack(self, fmt: str):
         fmt = self.order + fmt
@@ -128,6 +140,13 @@ class _Header:
         self.pos += n
         return start
 
+    def check_count(self, what: str, count: int, min_size: int, cap: int) -> None:
+        """Refuse a claimed ``count`` the rest of the file cannot hold, or beyond ``cap``, before reading."""
+        if count * min_size > self.size - self.pos:
+            raise _Damaged(f"{what} claims {count} items, more than the {self.size - self.pos} bytes left can hold")
+        if count > cap:
+            raise _Damaged(f"{what} claims {count} items, more than the {cap} this reader walks")
+
     def string(self, decode: bool = True):
         n = self._unpack("Q")
         start = self._skip(n)
@@ -138,7 +157,7 @@ class _Header:
         except UnicodeDecodeError:
             raise _Damaged(f"a string at byte {start} is not UTF-8") from None
 
-    def value(self, vtype: int, keep: bool):
+    def value(self, vtype: int, keep: bool, key: str = "a value"):
         if vtype in _SCALARS:
             return self._unpack(_SCALARS[vtype])
         if vtype == _STRING:
@@ -148,10 +167,10 @@ class _Header:
             if itype in _SCALARS:
                 self._skip(count * struct.calcsize(_SCALARS[itype]))
             elif itype in (_STRING, _ARRAY):
-                if count > self.size:
-                    raise _Damaged(f"an array at byte {self.pos} claims {count} items")
+                self.check_count(key, count, _MIN_ITEM[itype], MAX_HEADER_ITEMS - self.items)
+                self.items += count
                 for _ in range(count):
-                    self.value(itype, keep=False)
+                    self.value(itype, keep=False, key=key)
             else:
                 raise _Damaged(f"unknown array item type {itype} at byte {self.pos}")
             return None  # arrays (vocabulary, merges, ...) are not needed here
@@ -238,13 +257,13 @@ def _read_header(path: Path, buf, size: int) -> tuple[dict, list, int]:
         if version not in (2, 3):
             _fail(path, f"is GGUF version {version}; only versions 2 and 3 are supported")
         n_tensors, n_kv = h._unpack("Q"), h._unpack("Q")
-        if n_tensors > size or n_kv > size:
-            raise _Damaged(f"it claims {n_tensors} tensors and {n_kv} metadata keys")
+        h.check_count("the metadata key count", n_kv, _MIN_KV, MAX_KV)
+        h.check_count("the tensor count", n_tensors, _MIN_TENSOR, MAX_TENSORS)
         meta = {}
         for _ in range(n_kv):
             key = h.string()
             vtype = h._unpack("I")
-            meta[key] = h.value(vtype, keep=True)
+            meta[key] = h.value(vtype, keep=True, key=f"metadata {key[:80]}")
         tensors = []
         for _ in range(n_tensors):
             name = h.string()

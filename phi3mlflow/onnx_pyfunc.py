@@ -144,6 +144,12 @@ class OnnxChatModel(PythonModel):
         if chat_rows is not None:
             try:
                 requests = [protocol.parse(r, self.chat.context_length) for r in chat_rows]
+                for r in requests:
+                    # One answer per row here; the OpenAI-compatible server answers these.
+                    if r.n != 1:
+                        raise InvalidRequest("n", "one choice per row here: python -m phi3mlflow.serve answers n > 1")
+                    if r.logprobs is not None:
+                        raise InvalidRequest("logprobs", "not here: python -m phi3mlflow.serve answers logprobs")
                 generations = [self.generation_request(r, params) for r in requests]
             except InvalidRequest as e:
                 raise _invalid(str(e)) from None

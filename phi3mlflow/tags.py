@@ -3,6 +3,8 @@
 # Every step run
 ERROR = "phi3.error"  # a failed or cancelled run's cause, one line
 EXIT = "phi3.exit"  # how a failed step's process ended: "killed by SIGKILL", "exited with status 1"
+PROCESS = "phi3.process"  # "<host> <pid>" of the process a chain's run (main or a step) runs in
+STDERR_TAIL = "phi3.stderr_tail"  # a failed step's last stderr lines, as main saw them
 CACHE_KEY = "phi3.cache_key"  # what a step run was keyed on; a later run with the same key may reuse it
 CODE_VERSION = "phi3.code_version"  # content hash of the project's code the run ran
 INPUT_DIGEST = "phi3.input_digest."  # + parameter name: content digest of the file or folder it named

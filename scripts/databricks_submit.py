@@ -10,7 +10,9 @@ the repository root:
 Untracked files are never uploaded, ignored or not (a ``.envrc``, ``.env.local``, ``.netrc`` or
 notes holding a token stay home), unless named with ``--include PATH`` (repeatable; a path relative
 to the repository root that must be a file inside it, outside ``.git``). The script says how many
-untracked files it left out and names the first few. Commit a file, or name it, to upload it.
+untracked files it left out and names the first few. Commit a file, or name it, to upload it. A
+committed symlink is uploaded as the file it points to, so one that leads outside the repository
+is refused, in one line naming it, before anything is staged.
 
 ARGS, all the other arguments, go to ``mlflow run`` as they are (``-e main``,
 ``-P registered_model_name=...``, ``--experiment-name ...``, ``--backend-config other.json`` to
@@ -65,9 +67,25 @@ def check_include(root: Path, path: str) -> str:
     return PurePosixPath(*rel.parts).as_posix()
 
 
+def check_tracked(root: Path, files: Iterable[str]) -> list[str]:
+    """The tracked ``files`` that still exist as files; ValueError naming the first committed symlink
+    that leads outside ``root`` (staging copies what a link points to: a link to ``~/.netrc`` would
+    upload the user's credentials). A link to a file inside the repository is staged as that file."""
+    inside = root.resolve()
+    kept = []
+    for rel in files:
+        full = root / rel
+        if full.is_symlink() and not full.resolve().is_relative_to(inside):
+            raise ValueError(f"{rel}: a committed symlink that leads outside the repository {root}")
+        if full.is_file():
+            kept.append(rel)
+    return kept
+
+
 def project_files(root: Path, include: Iterable[str] = ()) -> list[str]:
-    """The tracked files that still exist, plus ``include`` (checked with :func:`check_include`)."""
-    tracked = {f for f in _git_files(root, "--cached") if (root / f).is_file()}
+    """The tracked files that still exist (checked with :func:`check_tracked`), plus ``include``
+    (checked with :func:`check_include`)."""
+    tracked = set(check_tracked(root, _git_files(root, "--cached")))
     return sorted(tracked | {check_include(root, p) for p in include})
 
 
@@ -96,31 +114,36 @@ def stage(root: Path, dest: Path, include: Iterable[str] = ()) -> list[str]:
     return files
 
 
-def main(argv: list[str]) -> int:
-    if not (ROOT / ".git").exists():
-        sys.stderr.write(f"error: {ROOT} is not a git checkout: the upload is what git tracks\n")
+def main(argv: list[str], root: Path = ROOT) -> int:
+    if not (root / ".git").exists():
+        sys.stderr.write(f"error: {root} is not a git checkout: the upload is what git tracks\n")
         return 2
     try:
         include, extra = split_args(argv)
         for path in include:
-            check_include(ROOT, path)
+            check_include(root, path)
     except ValueError as e:
         sys.stderr.write(f"error: --include: {e}\n")
+        return 2
+    try:
+        check_tracked(root, _git_files(root, "--cached"))
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
         return 2
     if "--backend-config" not in extra and not any(a.startswith("--backend-config=") for a in extra):
         extra = ["--backend-config", str(DEFAULT_BACKEND_CONFIG), *extra]
     with tempfile.TemporaryDirectory(prefix="phi3-databricks-") as tmp:
         project = Path(tmp) / "project"
-        files = stage(ROOT, project, include)
+        files = stage(root, project, include)
         cmd = [sys.executable, "-m", "mlflow", "run", str(project), "-b", "databricks", "--env-manager", "local"]
-        print(f"databricks_submit: {len(files)} files staged from {ROOT}", flush=True)
+        print(f"databricks_submit: {len(files)} files staged from {root}", flush=True)
         staged = set(files)
-        left_out = [f for f in untracked_files(ROOT) if f not in staged]
+        left_out = [f for f in untracked_files(root) if f not in staged]
         if left_out:
             names = ", ".join(left_out[:SHOWN_LEFT_OUT]) + (", ..." if len(left_out) > SHOWN_LEFT_OUT else "")
             print(f"databricks_submit: {len(left_out)} untracked files left out (name one with --include PATH "
                   f"to upload it): {names}", flush=True)  # fmt: skip
-        return subprocess.run(cmd + extra, cwd=ROOT).returncode
+        return subprocess.run(cmd + extra, cwd=root).returncode
 
 
 if __name__ == "__main__":

@@ -173,6 +173,10 @@ def main(args) -> dict:
         env_manager = mlflow.get_run(parent.info.run_id).data.tags.get("mlflow.project.env", "local")
         chain = Chain(parent.info.experiment_id, parent.info.run_id, values["use_cache"] == "true", env_manager)
         mlflow.set_tags({tags.CODE_VERSION: chain.code, tags.ENV_MANAGER: env_manager})
+        ended = chain.end_abandoned(parent.info.start_time)
+        if ended:
+            print(f"main: ended FAILED {len(ended)} runs an earlier chain left RUNNING (its process is gone): "
+                  f"{', '.join(ended)}", flush=True)  # fmt: skip
         client, up, step = chain.client, {}, "pipeline_wrapper"
         try:
             chat = chain.run(step, step_params(step, values))

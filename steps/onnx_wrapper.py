@@ -16,15 +16,19 @@ Outputs:
   like the transformers chat model; and {"prompt": ...} in, text out; models-from-code, no
   pickle) and the run tag ``model_uri`` (``models:/<id>``) naming it.
 Logged: the parameters, tags wrapper/precision/source_model, the model with its ONNX folder as an
-artifact, its signature (with params), input example and pinned requirements (no torch).
+artifact (of a prebuilt folder only what a model needs: the files its genai_config.json names, the
+tokenizer and config files; never hidden files or anything else), its signature (with params),
+input example and pinned requirements (no torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
+from phi3mlflow import prebuilt
 from phi3mlflow.cli import StepParser, fail, model_source, non_negative_float, positive_int, resolve_model_dir, run_main
 from phi3mlflow.deps import stage_package
 from phi3mlflow.genai import MAX_PROMPTS_PER_REQUEST, MAX_TOTAL_NEW_TOKENS
@@ -83,23 +87,39 @@ def signature(max_new_tokens: int, temperature: float):
 
 
 def main(args) -> str:
+    from phi3mlflow.genai import GenAIChat, SearchOptions
+    from phi3mlflow.onnx_export import export
+
+    with contextlib.ExitStack() as cleanup:
+        if args.onnx_model_dir:
+            precision = "prebuilt"
+            # Only what a model needs leaves the user's folder: the files genai_config.json names,
+            # the tokenizer and configs; never .git/, .cache/ or notes (phi3mlflow/prebuilt.py).
+            files = prebuilt.model_files(Path(args.onnx_model_dir))
+            staged_model = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="phi3-onnx-")))
+            folder = str(prebuilt.stage(Path(args.onnx_model_dir), files, staged_model))
+            print(f"onnx_wrapper: using {len(files)} files of the prebuilt ORT GenAI folder {args.onnx_model_dir}: "
+                  f"{', '.join(files)}", flush=True)  # fmt: skip
+        else:
+            folder, precision = str(export(resolve_model_dir(args.model), args.precision)), args.precision
+        try:
+            # MLflow only warns when the input example fails; a folder that cannot answer must fail here.
+            # A prebuilt folder is checked as staged: the selected files alone must answer.
+            GenAIChat(folder).generate(INPUT_EXAMPLE["prompt"], SearchOptions(max_new_tokens=1))
+        except Exception as e:  # noqa: BLE001 - ORT GenAI raises plain RuntimeErrors
+            parameter, source = ("onnx_model_dir", args.onnx_model_dir) if args.onnx_model_dir else ("model", folder)
+            fail(parameter, f"{source} does not run in onnxruntime-genai: {e}")
+        return _log(args, folder, precision)
+
+
+def _log(args, folder: str, precision: str) -> str:
+    """Log ``folder`` as the ONNX pyfunc in a run of its own; the model's URI."""
     import mlflow
 
     from phi3mlflow import report, tags
-    from phi3mlflow.genai import GenAIChat, SearchOptions
-    from phi3mlflow.onnx_export import export, log_path
+    from phi3mlflow.onnx_export import log_path
     from phi3mlflow.tracking import log_params_once, pinned
 
-    if args.onnx_model_dir:
-        folder, precision = args.onnx_model_dir, "prebuilt"
-        print(f"onnx_wrapper: using the prebuilt ORT GenAI folder {folder}", flush=True)
-    else:
-        folder, precision = export(resolve_model_dir(args.model), args.precision), args.precision
-    try:
-        # MLflow only warns when the input example fails; a folder that cannot answer must fail here.
-        GenAIChat(folder).generate(INPUT_EXAMPLE["prompt"], SearchOptions(max_new_tokens=1))
-    except Exception as e:  # noqa: BLE001 - ORT GenAI raises plain RuntimeErrors
-        fail("onnx_model_dir" if args.onnx_model_dir else "model", f"{folder} does not run in onnxruntime-genai: {e}")
     with mlflow.start_run(), tempfile.TemporaryDirectory(prefix="phi3-code-") as staged:
         log_params_once(vars(args))
         # Only the package files the pyfunc imports travel with the model: no stray or ignored file.

@@ -301,3 +301,16 @@ def test_submit_refuses_a_bad_include_in_one_line_before_anything_runs(tmp_path)
                               cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
         line = one_line_error(proc)
         assert line.startswith("error: --include: ") and proc.stdout == "", line
+
+
+def test_submit_refuses_a_committed_symlink_leading_outside_in_one_line(tmp_path, capsys):
+    from scripts.databricks_submit import main
+
+    root = _repo(tmp_path)
+    (root / "creds").symlink_to(tmp_path / "outside.txt")
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "add", "creds"], check=True)
+    subprocess.run([*git, "commit", "-qm", "link"], check=True)
+    assert main(["-e", "main"], root=root) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"error: creds: a committed symlink that leads outside the repository {root}\n"

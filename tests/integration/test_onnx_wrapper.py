@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -211,12 +212,34 @@ def test_loads_without_pickle_from_a_copy_outside_the_repo(int4_run, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "The capital of Spain is Madrid."
 
 
-def test_prebuilt_onnx_model_dir_skips_the_export(mlflow_run, onnx_fp32_dir):
-    result = mlflow_run("onnx_wrapper", {"onnx_model_dir": str(onnx_fp32_dir)}, experiment="onnx-wrapper")
+def test_prebuilt_onnx_model_dir_skips_the_export_and_uploads_only_what_the_model_needs(
+    mlflow_run, onnx_fp32_dir, tmp_path
+):
+    # A user's folder as it may lie on disk: a git checkout with a password in its remote's URL, a
+    # hub token, notes. None of it may reach the tracking store.
+    secret = "hunter2-prebuilt-secret"
+    folder = tmp_path / "prebuilt"
+    shutil.copytree(onnx_fp32_dir, folder)
+    strays = {".git/config": f'[remote "origin"]\n\turl = https://me:{secret}@git.example.com/m.git\n',
+              ".cache/huggingface/token": secret, "notes.txt": f"token {secret}"}  # fmt: skip
+    for rel, text in strays.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    result = mlflow_run("onnx_wrapper", {"onnx_model_dir": str(folder)}, experiment="onnx-wrapper")
     assert "onnxruntime_genai.models.builder" not in result.output
     run = result.run
     assert run.data.tags["precision"] == "prebuilt"
-    model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
+    uri = run.data.tags["model_uri"]
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "logged"))
+    logged = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
+    onnx_files = sorted(f.split("/", 2)[-1] for f in logged if f.startswith("artifacts/"))
+    assert onnx_files == ["chat_template.jinja", "genai_config.json", "model.onnx", "model.onnx.data",
+                          "tokenizer.json", "tokenizer_config.json"], logged  # fmt: skip
+    assert not [f for f in logged if any(part.startswith(".") for part in f.split("/"))], logged
+    assert not [f for f in logged if secret.encode() in (Path(local) / f).read_bytes()]
+    run_files = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id)}
+    assert not {".git", ".cache", "notes.txt"} & run_files
+    model = mlflow.pyfunc.load_model(uri)
     assert model.predict({"prompt": "What is the capital of Norway?"}) == ["The capital of Norway is Oslo."]
 
 

@@ -86,3 +86,22 @@ def test_a_step_that_succeeded_but_left_its_run_open_is_ended():
     client = Client({})
     chain(client)._wait("evaluate", Launched(0))
     assert client.status == "FINISHED" and tags.ERROR not in client.tags
+
+
+def test_a_killed_step_has_its_last_stderr_lines_on_its_run_and_in_the_error():
+    client = Client({})
+    tail = "loading model\nanswering 12/40\nonnxruntime: allocating 3 GB"
+    with pytest.raises(StepFailed) as e:
+        chain(client)._wait("evaluate", Launched(-9), lambda: tail)
+    assert str(e.value) == ("step evaluate failed (run r1): the step was killed by SIGKILL, with no error of its own; "
+                            "its stderr ended: onnxruntime: allocating 3 GB")  # fmt: skip
+    assert client.tags[tags.STDERR_TAIL] == tail and client.tags[tags.EXIT] == "killed by SIGKILL"
+    assert tail in client.tags["mlflow.note.content"] and client.status == "FAILED"
+
+
+def test_a_step_with_its_own_cause_keeps_it_in_the_error_and_its_tail_on_the_run():
+    client = Client({tags.ERROR: "dataset: no such file: x.csv"})
+    with pytest.raises(StepFailed) as e:
+        chain(client)._wait("evaluate", Launched(2), lambda: "Traceback ...\nerror: dataset: no such file: x.csv")
+    assert str(e.value).endswith("dataset: no such file: x.csv (exited with status 2)")
+    assert client.tags[tags.STDERR_TAIL].endswith("error: dataset: no such file: x.csv")

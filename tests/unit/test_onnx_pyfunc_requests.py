@@ -146,3 +146,14 @@ def test_bad_requests_are_refused_before_the_model_is_touched(onnx_model):
     with pytest.raises(MlflowException) as e:
         list(onnx_model.predict_stream(None, {"prompt": "a"}, {"max_new_tokens": 21}))
     assert "max_total_new_tokens" in e.value.message
+
+
+@pytest.mark.parametrize("extra,field", [({"n": 2}, "n"), ({"logprobs": True}, "logprobs")])
+def test_the_pyfunc_refuses_what_only_the_server_answers(onnx_model, extra, field):
+    class NoChat:
+        context_length = 256
+
+    onnx_model.chat = NoChat()
+    with pytest.raises(MlflowException) as e:
+        onnx_model.predict(None, {"messages": [{"role": "user", "content": "Hi"}], **extra})
+    assert e.value.message.startswith(f"{field}: ") and "phi3mlflow.serve" in e.value.message

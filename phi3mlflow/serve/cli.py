@@ -133,7 +133,7 @@ def resolve(model_uri: str, model_name: str = "") -> ModelInfo:
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except Exception as e:  # noqa: BLE001 - any failure to resolve is the URI's
-        raise InputError("model_uri", f"cannot resolve {model_uri!r}: {_first_line(e)}") from None
+        raise InputError("model_uri", f"cannot load {model_uri!r}: {_first_line(e)}") from None
     return ModelInfo(shown, model_uri, name, str(mv.version), alias, getattr(mv, "model_id", None) or "",
                      (mv.tags or {}).get(tags.SOURCE_EVAL_RUN, ""))  # fmt: skip
 
@@ -162,9 +162,6 @@ def build_app(served: Served, trace: bool = False, options: Options | None = Non
 
     slot = ModelSlot(served, log=lambda line: print(line, flush=True))
     wrap = None
-    if trace and (unreachable := tracking_unreachable()):
-        print(f"serve: tracing off: {unreachable}", flush=True)
-        trace = False
     if trace:
 
         def wrap(body, events):
@@ -184,6 +181,10 @@ def serve(model_uri: str, host: str | None, port: int, model_name: str = "", tra
     import uvicorn  # heavy: the web server
 
     options = options or Options()
+    # Before the model loads: linking it to a tracking server that does not answer would retry for minutes.
+    if trace and (unreachable := tracking_unreachable()):
+        print(f"serve: tracing off: {unreachable}", flush=True)
+        trace = False
     served = load(resolve(model_uri, model_name), trace)
     app = build_app(served, trace, options, follow_interval)
     following = f", following @{served.info.alias} every {follow_interval:g} s" if app.state.follower else ""

@@ -23,6 +23,9 @@ MAX_BODY_BYTES = 1_000_000
 # How long a connection may take to send its request headers (--header-timeout).
 HEADER_TIMEOUT_S = 10.0
 MAX_ERROR_CHARS = 500
+# A body over the limit but under this is read and dropped before the 413 (a client still sending
+# would see the connection reset instead of the answer); a larger one gets the 413 and the close.
+DRAIN_BYTES = 64_000_000
 
 
 def error_body(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> bytes:
@@ -57,6 +60,8 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit() or int(declared) > self.max_bytes:
+                if declared.isdigit() and int(declared) <= DRAIN_BYTES:
+                    await _drain(receive)  # read and dropped, so that the client hears the 413, not a reset
                 return await self._refuse(send)
             return await self.app(scope, receive, send)  # the HTTP layer stops a body at its declared length
         if headers.get(b"transfer-encoding", b"").lower() != b"chunked":
@@ -81,6 +86,13 @@ class BodyLimit:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+async def _drain(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
 
 
 class QuietErrors:

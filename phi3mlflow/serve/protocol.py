@@ -206,7 +206,12 @@ def completion(model: str, content: str | list[tuple[str, str]], finish_reason: 
         "model": model,
         **({"system_fingerprint": fingerprint} if fingerprint else {}),
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+                **({"logprobs": {"content": logprobs[i]}} if logprobs is not None else {}),
+            }
             for i, (text, reason) in enumerate(answers)
         ],  # fmt: skip
         "usage": {

@@ -374,7 +374,9 @@ def test_langchain_openai_talks_to_the_server_fields_and_all(servers, monkeypatc
     assert whole.content == "The capital of Spain is Madrid."
     assert whole.usage_metadata["output_tokens"] > 0 and whole.usage_metadata["input_tokens"] > 0
     three = ChatOpenAI(base_url=base, api_key="unused", model="m", max_tokens=32, temperature=0, n=3, max_retries=0)
-    [generations] = three.generate([[("user", question)]]).generations
+    from langchain_core.messages import HumanMessage
+
+    [generations] = three.generate([[HumanMessage(question)]]).generations
     assert [g.text for g in generations] == ["The capital of Spain is Madrid."] * 3
     seeded = ChatOpenAI(base_url=base, api_key="unused", model="m", max_tokens=12, temperature=5.0, seed=9,
                         max_retries=0)  # fmt: skip
@@ -393,7 +395,7 @@ def test_a_late_request_behind_a_long_stream_gets_its_answer_first(servers):
 
     c = client(servers["onnx"])
     # The tiny model under a JSON-object constraint rambles to max_tokens: a long answer.
-    long_stream = c.chat.completions.create(model="m", messages=USER, max_tokens=300, stream=True,
+    long_stream = c.chat.completions.create(model="m", messages=USER, max_tokens=200, stream=True,
                                             response_format={"type": "json_object"})  # fmt: skip
     order: list[str] = []
     chunks = iter(long_stream)

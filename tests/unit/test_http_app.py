@@ -265,3 +265,18 @@ def test_one_choice_refused_refuses_the_request_and_ends_the_others():
     c = TestClient(app_module.create_app(backend, "m"))
     r = c.post("/v1/chat/completions", json={"messages": USER, "n": 3})
     assert r.status_code == 503 and backend.closed == 3
+
+
+def test_logprobs_ride_with_their_text_whole_and_streamed():
+    entry = {"token": "Ma", "logprob": -0.1, "bytes": [77, 97], "top_logprobs": [{"token": "Ma", "logprob": -0.1,
+                                                                                   "bytes": [77, 97]}]}  # fmt: skip
+    c, _ = client([Delta("Ma", [entry]), Delta("drid", [{**entry, "token": "drid", "bytes": list(b"drid")}]),
+                   Done("stop", 3, 2)])  # fmt: skip
+    out = ChatCompletion.model_validate_json(c.post("/v1/chat/completions", json={"messages": USER}).content)
+    assert [e.token for e in out.choices[0].logprobs.content] == ["Ma", "drid"]
+    events = sse_events(c.post("/v1/chat/completions", json={"messages": USER, "stream": True}).text.splitlines())
+    chunks = [ChatCompletionChunk.model_validate_json(json.dumps(e)) for e in events[:-1]]
+    streamed = [e.token for ch in chunks if ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert streamed == ["Ma", "drid"]
+    plain, _ = client([Delta("Madrid"), Done("stop", 3, 2)])
+    assert plain.post("/v1/chat/completions", json={"messages": USER}).json()["choices"][0].get("logprobs") is None

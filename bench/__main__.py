@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import figures as fig
-from bench import hostile, operations
+from bench import generation, hostile, operations
 
 TARGETS = {
     "onnx_overhead_fp32": ("<=", 1.05),
@@ -51,8 +51,11 @@ REAL_TARGETS = {
     "real_serve_concurrency_throughput": (">=", 2.0),
     # a normal request's latency with a hostile client at work / alone (bench/hostile.py).
     "hostile_request_slowdown": ("<=", 2.0),
+    # time to first token behind a long streaming answer / alone (bench/generation.py).
+    "serve_late_arrival_ttft": ("<=", 3.0),
 }
-REAL_REPORTED = ("real_noise_floor_int4",)
+# structured_output_cost: tokens/s of a JSON-schema-constrained answer / unconstrained.
+REAL_REPORTED = ("real_noise_floor_int4", "structured_output_cost")
 # Figures with no target: the A/A control that says how much of a ratio is the machine's noise, and
 # the least a re-run under `mlflow run` can cost whatever a project does.
 # tracing_cost: an evaluation request with its trace over the same request untraced.
@@ -142,6 +145,8 @@ def main(args) -> dict:
             ("eval_batch_speedup", lambda: fig.eval_batch_speedup(setup, args.pairs if args.quick else 3)),
             ("real_serve_concurrency_throughput", lambda: fig.serve_concurrency_throughput(setup, args.pairs)),
             ("hostile_request_slowdown", lambda: hostile.hostile_request_slowdown(setup, args.pairs)),
+            ("serve_late_arrival_ttft", lambda: generation.serve_late_arrival_ttft(setup, args.pairs)),
+            ("structured_output_cost", lambda: generation.structured_output_cost(setup, args.pairs)),
         )
         main_figures = (
             ("onnx_overhead_fp32", lambda: fig.onnx_overhead(setup, "fp32", overhead_pairs)),

@@ -49,6 +49,8 @@ REAL_TARGETS = {
     "real_onnx_overhead_int4": ("<=", 1.05),
     "eval_batch_speedup": (">=", 2.0),
     "real_serve_concurrency_throughput": (">=", 2.0),
+    # evaluate with the champion asked and the fidelity pass / the same evaluation without them.
+    "evidence_cost": ("<=", 1.5),
     # a normal request's latency with a hostile client at work / alone (bench/hostile.py).
     "hostile_request_slowdown": ("<=", 2.0),
     # time to first token behind a long streaming answer / alone (bench/generation.py).
@@ -144,6 +146,8 @@ def main(args) -> dict:
             # Each side asks 32 questions for seconds: fewer pairs say as much.
             ("eval_batch_speedup", lambda: fig.eval_batch_speedup(setup, args.pairs if args.quick else 3)),
             ("real_serve_concurrency_throughput", lambda: fig.serve_concurrency_throughput(setup, args.pairs)),
+            # Each side is a whole evaluation (minutes on the real model): 3 pairs at most.
+            ("evidence_cost", lambda: fig.evidence_cost(setup, min(args.pairs, 3))),
             ("hostile_request_slowdown", lambda: hostile.hostile_request_slowdown(setup, args.pairs)),
             ("serve_late_arrival_ttft", lambda: generation.serve_late_arrival_ttft(setup, args.pairs)),
             ("structured_output_cost", lambda: generation.structured_output_cost(setup, args.pairs)),

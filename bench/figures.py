@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -236,6 +236,66 @@ def eval_batch_speedup(s: Setup, pairs: int) -> dict:
     out["same_answers"] = all(same)
     out.update(questions=len(questions), questions_per_request=batch, max_new_tokens=new_tokens,
                max_batch_size=caller.chat.max_batch_size)  # fmt: skip
+    return out
+
+
+# evidence_cost asks the first questions of the real set (the quick mode: of the bundled set): each
+# side of a pair is a whole evaluation, and the ratio scales with the questions on both sides alike.
+EVIDENCE_QUESTIONS = {"real": 60, "quick": 5}
+
+
+def evidence_cost(s: Setup, pairs: int) -> dict:
+    """Wall time of the evaluate step with the current champion asked and the fidelity pass (A) over
+    the same evaluation without them (B): the transformers reference and the fp32, int8 and int4
+    ONNX candidates (the SmolLM2 profile's; quick mode: fp32 and int4), its max_new_tokens, greedy.
+    The champion is an int8 wrapper logged apart (another LoggedModel than the candidates, as after
+    a chain whose wrappers were logged anew) and registered as ``bench-evidence@champion``, so A
+    asks it every question as a candidate of its own. Below 1.5: the evidence costs less than half
+    again the evaluation it decides on."""
+    import mlflow
+
+    from phi3mlflow.evaluation import runner
+    from steps import onnx_wrapper
+
+    precisions = ("fp32", "int4") if s.quick else ("fp32", "int8", "int4")
+    uris = dict(s.uris)
+
+    def log_int8() -> str:
+        args = ["--model", s.model, "--precision", "int8", "--serve_max_new_tokens", str(s.new_tokens)]
+        return onnx_wrapper.main(onnx_wrapper.parse_args(args))
+
+    if "int8" in precisions and "int8" not in uris:
+        uris["int8"] = log_int8()
+    champion = log_int8()
+    name = "bench-evidence"
+    version = mlflow.register_model(champion, name).version
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", version)
+
+    n = EVIDENCE_QUESTIONS["quick" if s.quick else "real"]
+    source = PROJECT_ROOT / ("data/questions.jsonl" if s.quick else "data/real_questions.jsonl")
+    dataset = s.tmp / "evidence.jsonl"
+    dataset.write_text("\n".join(source.read_text().splitlines()[:n]) + "\n")
+    base = runner.Settings(
+        chat_model_uri=uris["chat"], onnx_model_uris=",".join(uris[p] for p in precisions), dataset=str(dataset),
+        max_new_tokens=16 if s.quick else 48, min_accuracy=0.0, max_accuracy_drop=1.0,
+    )  # fmt: skip
+    with_evidence = replace(base, registered_model_name=name, alias="champion", fidelity=True)
+    without = replace(base, registered_model_name="", alias="", fidelity=False)
+    seen = {}
+
+    def evaluate(settings: runner.Settings, side: str):
+        def call():
+            result = runner.evaluate(settings, {})
+            seen[side] = sorted(c.key for c in result.candidates)
+            seen[f"{side}_fidelity"] = sorted(c.key for c in result.candidates if c.fidelity)
+            return result
+
+        return call
+
+    # Each side is a whole evaluation of many seconds: no untimed call.
+    out = interleaved(evaluate(with_evidence, "with"), evaluate(without, "without"), pairs, warm=False)
+    out.update(questions=n, candidates=seen["with"], fidelity_measured=seen["with_fidelity"],
+               candidates_without=seen["without"], champion_version=version)  # fmt: skip
     return out
 
 

@@ -20,6 +20,12 @@ model) against llama.cpp's own (``python -m llama_cpp.server``, the Q4_1 file on
 on the bench model), 8 streaming chat requests sent one after another (1 client) and all at once
 (8 clients), interleaved pairs: generated tokens/s ours / theirs, and time to first token p50/p95 of
 each. ``--only serving`` runs this section alone (``in_process`` the rest).
+
+KL ladder (section ``kl``, ``--model smollm2`` only): llama.cpp's own quantisations against its F32,
+measured as ``llama-perplexity --kl-divergence`` does (per-position KL divergence over the full
+vocabulary: mean, 99th percentile, same top token), but teacher-forced on the transformers
+reference's greedy answers to the real questions, the sequences our fidelity pass scores; our ONNX
+exports are scored on the same sequences against transformers in the same pass, side by side.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from bench import figures as fig
 from tests.support import free_port
@@ -59,18 +67,29 @@ REAL_PAIRS = {
     "real_fp32_vs_llamacpp_f16": ("fp32", "f16"),
 }
 REAL_TARGETS = {"real_int4_vs_llamacpp_q4_1": 1.25, "real_int8_vs_llamacpp_q8_0": 1.15}
-SECTIONS = ("in_process", "serving")
+SECTIONS = ("in_process", "serving", "kl")
+# The KL ladder (section kl, the real model only): the first questions of the real set, as the
+# distribution-fidelity figures of bench/README.md were first measured.
+KL_QUESTIONS = 132
 # Serving: ours / llama.cpp's server, tokens/s at 1 and 8 clients.
 SERVE_TARGETS = {"serve_1_client_vs_llamacpp": 1.0, "serve_8_clients_vs_llamacpp": 1.0}
 
 # convert_hf_to_gguf refuses a BPE vocabulary whose pre-tokenizer it has no hash for (ours is
 # self-trained). Its split is the byte-level GPT-2 regex, which llama.cpp calls "gpt-2".
+# Its Llama vocabulary code imports sentencepiece before it looks for a tokenizer.model, which these
+# folders lack (it then falls back to tokenizer.json): without the package, look first.
 _CONVERT = """
 import sys
 sys.path[:0] = [sys.argv.pop(1), sys.argv.pop(1)]
 import convert_hf_to_gguf
 from conversion.base import TextModel
 TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+_sentencepiece = TextModel._create_vocab_sentencepiece
+def _vocab_sentencepiece(self):
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError(self.dir_model / "tokenizer.model")
+    return _sentencepiece(self)
+TextModel._create_vocab_sentencepiece = _vocab_sentencepiece
 convert_hf_to_gguf.main()
 """
 
@@ -82,6 +101,11 @@ def llama_cpp_source(tmp: Path) -> tuple[Path, str]:
 
     v = version("llama-cpp-python")
     dl = tmp / "sdist"
+    if (tmp / "src").is_dir():  # fetched already by another section of this run
+        root = next((tmp / "src").glob("llama_cpp_python-*"))
+        release = (root / "CHANGELOG.md").read_text().split(f"## [{v}]", 1)[-1].split("\n## [", 1)[0]
+        commit = re.search(r"llama\.cpp@([0-9a-f]{7,40})", release)
+        return root / "vendor" / "llama.cpp", commit.group(1) if commit else "unknown"
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
                     f"llama-cpp-python=={v}", "-d", str(dl)], check=True)  # fmt: skip
     [archive] = dl.glob("llama_cpp_python-*.tar.gz")
@@ -176,6 +200,8 @@ def run(setup: fig.Setup, pairs: int, tmp: Path, only: list[str] | tuple[str, ..
     out = in_process(setup, pairs, tmp) if "in_process" in sections else {}
     if "serving" in sections:
         out["serving"] = serving(setup, _serving_gguf(setup, tmp), pairs)
+    if "kl" in sections:
+        out["kl"] = kl_ladder(setup, tmp)
     return out
 
 
@@ -282,6 +308,89 @@ def in_process(setup: fig.Setup, pairs: int, tmp: Path) -> dict:
         "ttft_s": ttft,
         "peak_rss_mb": peak_rss(ggufs, uris, prompt_ids, setup, threads, [k for _, k in pairs_of.values()]),
         "gguf_mb": {k: round(p.stat().st_size / 2**20, 1) for k, p in ggufs.items()},
+    }
+
+
+class LlamaCppScorer:
+    """llama.cpp's logits at every position of prompt + answer (``logits_all``), as the perplexity
+    tool reads them: one evaluation per sequence, the KV cache cleared before each."""
+
+    def __init__(self, gguf: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                         logits_all=True, verbose=False, seed=0)  # fmt: skip
+        self.vocab_size = self.llm.n_vocab()
+
+    def logits(self, prompt: list[int], answer: list[int]) -> np.ndarray:
+        """``[len(answer), vocab]`` float32 logits predicting each answer token."""
+        ids = list(prompt) + list(answer[:-1])
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[len(prompt) - 1 : len(ids)], dtype=np.float32)
+
+
+def kl_ladder(setup: fig.Setup, tmp: Path) -> dict:
+    """llama.cpp's F16, Q8_0 and Q4_1 against its F32 (and each against transformers), our ONNX
+    fp32/int8/int4 against transformers, on the transformers reference's greedy answers to the first
+    KL_QUESTIONS real questions (phi3mlflow.fidelity's Accumulator: KL(P_ref || P_cand) per answer
+    position, full vocabulary). F32 and F16 are llama.cpp's conversion of the dequantised weights;
+    Q8_0 is quantised from that F32 (every tensor Q8_0); Q4_1 is the shipped file itself."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phi3mlflow import fidelity
+    from phi3mlflow.genai import GenAIChat, default_threads
+    from phi3mlflow.gguf import builtin_smollm2_path
+    from phi3mlflow.onnx_export import export
+
+    if not setup.real:
+        raise SystemExit("--only kl: the KL ladder runs on the real model only (--model smollm2)")
+    threads = default_threads()
+    gguf_dir = tmp / "gguf-kl"
+    gguf_dir.mkdir(exist_ok=True)
+    src, commit = llama_cpp_source(tmp)
+    ggufs = {t.upper(): convert(setup.model_dir, src, gguf_dir / f"model-{t}.gguf", t, True) for t in ("f32", "f16")}
+    ggufs["Q8_0"] = quantize(ggufs["F32"], gguf_dir / "model-q8_0.gguf", "q8_0")
+    ggufs["Q4_1"] = builtin_smollm2_path()
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32).eval()
+    reference = fidelity.TransformersScorer(model, AutoTokenizer.from_pretrained(setup.model_dir))
+    rows = (fig.PROJECT_ROOT / "data/real_questions.jsonl").read_text().splitlines()
+    questions = [json.loads(line)["question"] for line in rows if line.strip()][:KL_QUESTIONS]
+    start = time.perf_counter()
+    answers = [reference.answer(q, 48) for q in questions]  # the real profile's max_new_tokens
+    answer_s = time.perf_counter() - start
+    llama = {kind: LlamaCppScorer(path, threads) for kind, path in ggufs.items()}
+    onnx = {
+        p: fidelity.GenAIScorer(GenAIChat(export(str(setup.model_dir), p), threads)) for p in ("fp32", "int8", "int4")
+    }
+    if any(s.vocab_size != reference.vocab_size for s in (*llama.values(), *onnx.values())):
+        raise RuntimeError("a vocabulary size differs from the reference's")
+    # (candidate, reference) -> accumulator
+    pairs = {(f"onnx_{p}", "transformers") for p in onnx} | {(f"llamacpp_{k}", "transformers") for k in llama}
+    pairs |= {(f"llamacpp_{k}", "llamacpp_F32") for k in llama if k != "F32"}
+    accs = {pair: fidelity.Accumulator() for pair in sorted(pairs)}
+    positions = 0
+    for question, answer in zip(questions, answers, strict=True):
+        prompt, ids = reference.sequence(question, answer)
+        lp = {"transformers": reference.logprobs(prompt, ids)}
+        lp |= {f"onnx_{p}": s.logprobs(prompt, ids) for p, s in onnx.items()}
+        lp |= {f"llamacpp_{k}": fidelity.log_softmax(s.logits(prompt, ids)) for k, s in llama.items()}
+        for (cand, ref), acc in accs.items():
+            acc.add(lp[ref], lp[cand], ids)
+        positions += len(ids)
+    figures = {f"{cand} vs {ref}": {**acc.result().metrics(), "positions": acc.result().positions}
+               for (cand, ref), acc in accs.items()}  # fmt: skip
+    return {
+        "questions": len(questions),
+        "positions": positions,
+        "reference_answers_s": round(answer_s, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "ggufs": {k: p.name for k, p in ggufs.items()},
+        "llamacpp": build_info(commit),
+        "figures": figures,
     }
 
 
@@ -421,6 +530,15 @@ def markdown(report: dict) -> str:
         ttft = ", ".join(f"{k} {v * 1000:.1f}" for k, v in report["ttft_s"].items())
         rss = ", ".join(f"{k} {v:.0f}" for k, v in report["peak_rss_mb"].items())
         lines += ["", f"parity: {report['parity']}", f"time to first token (ms): {ttft}", f"peak RSS (MB): {rss}"]
+    if "kl" in report:
+        kl = report["kl"]
+        lines += ["", f"KL ladder: {kl['questions']} questions, {kl['positions']} answer positions, teacher-forced "
+                  "on the transformers reference's greedy answers", "",
+                  "| candidate vs reference | KLD mean | KLD p99 | KLD max | same top token | ppl ratio |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, f in kl["figures"].items():
+            lines.append(f"| {name} | {f['kld_mean']:.3g} | {f['kld_p99']:.3g} | {f['kld_max']:.3g} | "
+                         f"{100 * f['top1_agreement']:.2f} % | {f['ppl_ratio']:.4f} |")  # fmt: skip
     if "serving" in report:
         sv = report["serving"]
         lines += ["", f"serving: ours (python -m phi3mlflow.serve, int4) / llama.cpp's server ({sv['gguf']}), "

@@ -7,9 +7,11 @@ what it recorded:
     python -m bench.real_model [--model builtin:smollm2-135m-instruct] [--out real-model.json]
 
 Each candidate's row comes from the newest FINISHED main run of that model that evaluated it
-(accuracy overall and per category, agreement with the reference, tokens/s); each logged model's size is the
-sum of its artifact files, and its peak RSS is VmHWM of a fresh process that loads it and answers
-one question. Nothing is re-evaluated here.
+(accuracy with its 95 % interval, the paired difference to the reference with its interval and
+McNemar p-value, accuracy per category, agreement with the reference, the fidelity figures, time per
+question and tokens/s); each logged model's size is the sum of its artifact files, and its peak RSS
+is VmHWM of a fresh process that loads it and answers one question. The evaluate run's verdict is
+printed below the table. Nothing is re-evaluated here.
 """
 
 from __future__ import annotations
@@ -58,13 +60,20 @@ def collect(model: str) -> dict:
         output_format="list",
     )
     rows: dict[str, dict] = {}
+    verdict = ""
     for run in runs:
         ev = client.get_run(run.data.tags["child.evaluate.run_id"])
         summary = mlflow.artifacts.load_dict(f"{ev.info.artifact_uri}/summary.json")
+        verdict = verdict or ev.data.tags.get("mlflow.note.content", "")
         for c in summary.get("candidates", []):  # older runs logged another format
             if c["key"] in rows:
                 continue
             rows[c["key"]] = {
+                "accuracy_low": c.get("accuracy_low"),
+                "accuracy_high": c.get("accuracy_high"),
+                "vs_reference": c.get("vs_reference"),
+                "fidelity": c.get("fidelity") or {},
+                "ms_per_question": c.get("ms_per_question"),
                 "run_id": run.info.run_id,
                 "model_uri": c["model_uri"],
                 "accuracy": c["accuracy"],
@@ -79,6 +88,8 @@ def collect(model: str) -> dict:
         raise SystemExit(f"error: no FINISHED main run of {model}: run the chain on its profile first")
     table = {"transformers (reference)": rows["chat"],
              **{f"ONNX {p}": rows[f"onnx_{p}"] for p in ("fp32", "int8", "int4") if f"onnx_{p}" in rows}}  # fmt: skip
+    if "champion" in rows:
+        table["champion"] = rows["champion"]
     for name, row in table.items():
         request = (
             {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32}
@@ -87,15 +98,29 @@ def collect(model: str) -> dict:
         )
         row["size_mb"] = _size_mb(_model_root(row["model_uri"]))
         row["peak_rss_mb"] = _peak_rss_mb(row["model_uri"], request)
-    return table
+    return {"table": table, "verdict": verdict}
+
+
+def _ci(low, high) -> str:
+    return "" if low is None else f"{low:.3f}–{high:.3f}"
 
 
 def markdown(table: dict) -> str:
     cats = sorted(next(iter(table.values()))["categories"])
-    head = ["model", "accuracy", *cats, "agreement", "tokens/s", "size MB", "peak RSS MB", "meets goals"]
+    head = ["model", "accuracy (95 % CI)", "Δ vs reference (95 % CI), McNemar p", *cats, "agreement", "KLD mean",
+            "KLD p99", "top-1", "ppl ratio", "ms/question", "tokens/s", "size MB", "peak RSS MB",
+            "meets goals"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in table.items():
-        cells = [name, f"{r['accuracy']:.3f}", *(f"{r['categories'][c]:.2f}" for c in cats), f"{r['agreement']:.3f}",
+        vs, fid = r.get("vs_reference"), r.get("fidelity") or {}
+        delta = f"{vs['delta']:+.3f} ({vs['low']:+.3f}…{vs['high']:+.3f}), p={vs['p_value']:.2g}" if vs else "—"
+        cells = [name, f"{r['accuracy']:.3f} ({_ci(r.get('accuracy_low'), r.get('accuracy_high'))})", delta,
+                 *(f"{r['categories'][c]:.2f}" for c in cats), f"{r['agreement']:.3f}",
+                 # evaluate logs fidelity rounded to 6 decimals: fp32's ~1e-11 reads 0.
+                 *((f"{fid[k]:.2g}" if fid[k] else "< 5e-7") if k in fid else "—" for k in ("kld_mean", "kld_p99")),
+                 f"{100 * fid['top1_agreement']:.1f} %" if "top1_agreement" in fid else "—",
+                 f"{fid['ppl_ratio']:.3f}" if "ppl_ratio" in fid else "—",
+                 f"{r['ms_per_question']:.0f}" if r.get("ms_per_question") is not None else "—",
                  f"{r['tokens_per_s']:.0f}", f"{r['size_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
                  "yes" if r["meets_goals"] else "no"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -107,11 +132,12 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
-    table = collect(args.model)
+    found = collect(args.model)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(table, f, indent=2)
-    print(markdown(table))
+            json.dump(found, f, indent=2)
+    print(markdown(found["table"]))
+    print(f"\nevaluate: {found['verdict']}")
 
 
 if __name__ == "__main__":

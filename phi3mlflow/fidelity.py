@@ -56,11 +56,39 @@ class Fidelity:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64; idempotent, so log-probabilities and logits both work."""
-    x = np.asarray(x, dtype=np.float64)
-    top = np.max(x, axis=-1, keepdims=True)
-    shifted = x - top
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    """Row-wise log-softmax in float64 (a new array); idempotent, so log-probabilities and logits both work."""
+    out = np.array(x, dtype=np.float64)  # a copy, normalised in place: the same operations, fewer arrays
+    out -= np.max(out, axis=-1, keepdims=True)
+    out -= np.log(np.sum(np.exp(out), axis=-1, keepdims=True))
+    return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One sequence's reference side, computed once for every candidate compared with it: the
+    log-probabilities, their probabilities, each position's top token and the answer's NLL."""
+
+    logprobs: np.ndarray  # [positions, vocab] float64, normalised
+    probs: np.ndarray  # exp(logprobs)
+    top: np.ndarray  # argmax per position
+    targets: np.ndarray
+    nll: float
+    rules_out: bool  # some token has probability 0 (it then adds nothing to the divergence)
+
+    @classmethod
+    def of(cls, logprobs: np.ndarray, targets: np.ndarray | list[int], normalised: bool = False) -> Reference:
+        """``logprobs`` ``[answer_len, vocab]`` (logits unless ``normalised``) and the answer ids."""
+        lp = np.asarray(logprobs, dtype=np.float64) if normalised else log_softmax(logprobs)
+        tgt = np.asarray(targets, dtype=np.int64).reshape(-1)
+        if lp.ndim != 2:
+            raise ValueError(f"log-probabilities must be [positions, vocab], got {lp.shape}")
+        if lp.shape[0] != len(tgt):
+            raise ValueError(f"positions differ: reference {lp.shape[0]}, targets {len(tgt)}")
+        if len(tgt) and not (0 <= tgt.min() and tgt.max() < lp.shape[1]):
+            raise ValueError(f"target ids must lie in [0, {lp.shape[1]})")
+        probs = np.exp(lp)
+        nll = -float(np.sum(lp[np.arange(len(tgt)), tgt]))
+        return cls(lp, probs, np.argmax(lp, axis=-1), tgt, nll, bool(len(tgt) and probs.min() == 0.0))
 
 
 class Accumulator:
@@ -77,28 +105,34 @@ class Accumulator:
     def add(self, ref_lp: np.ndarray, cand_lp: np.ndarray, targets: np.ndarray | list[int]) -> None:
         """One sequence: ``[answer_len, vocab]`` log-probabilities (or logits) of both and the answer ids."""
         ref_lp, cand_lp = np.asarray(ref_lp), np.asarray(cand_lp)
-        targets = np.asarray(targets, dtype=np.int64).reshape(-1)
         if ref_lp.ndim != 2 or cand_lp.ndim != 2:
             raise ValueError(f"log-probabilities must be [positions, vocab], got {ref_lp.shape} and {cand_lp.shape}")
-        if ref_lp.shape[1] != cand_lp.shape[1]:
-            raise ValueError(f"vocabulary sizes differ: reference {ref_lp.shape[1]}, candidate {cand_lp.shape[1]}")
-        if not ref_lp.shape[0] == cand_lp.shape[0] == len(targets):
+        self.add_prepared(Reference.of(ref_lp, targets), log_softmax(cand_lp))
+
+    def add_prepared(self, ref: Reference, cand: np.ndarray) -> None:
+        """One sequence against its prepared reference: ``cand`` the candidate's normalised float64
+        log-probabilities ``[answer_len, vocab]`` (what :func:`log_softmax` returns)."""
+        if cand.ndim != 2:
+            raise ValueError(f"log-probabilities must be [positions, vocab], got {cand.shape}")
+        if ref.logprobs.shape[1] != cand.shape[1]:
+            raise ValueError(f"vocabulary sizes differ: reference {ref.logprobs.shape[1]}, candidate {cand.shape[1]}")
+        if ref.logprobs.shape[0] != cand.shape[0]:
             raise ValueError(
-                f"positions differ: reference {ref_lp.shape[0]}, candidate {cand_lp.shape[0]}, targets {len(targets)}"
+                f"positions differ: reference {ref.logprobs.shape[0]}, candidate {cand.shape[0]}, "
+                f"targets {len(ref.targets)}"
             )
-        if len(targets) and not (0 <= targets.min() and targets.max() < ref_lp.shape[1]):
-            raise ValueError(f"target ids must lie in [0, {ref_lp.shape[1]})")
-        ref, cand = log_softmax(ref_lp), log_softmax(cand_lp)
-        p = np.exp(ref)
-        # 0 * log 0 = 0: a token the reference rules out adds nothing, whatever the candidate says.
         with np.errstate(invalid="ignore"):
-            kld = np.sum(np.where(p > 0, p * (ref - cand), 0.0), axis=-1)
+            terms = ref.logprobs - cand
+            terms *= ref.probs
+        if ref.rules_out:
+            # 0 * log 0 = 0: a token the reference rules out adds nothing, whatever the candidate says.
+            terms[ref.probs == 0.0] = 0.0
+        kld = np.sum(terms, axis=-1)
         self._kld.append(np.maximum(kld, 0.0))  # float64 rounding may leave -1e-17 for equal rows
-        self._agree += int(np.sum(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
-        rows = np.arange(len(targets))
-        self._nll_ref -= float(np.sum(ref[rows, targets]))
-        self._nll_cand -= float(np.sum(cand[rows, targets]))
-        self._positions += len(targets)
+        self._agree += int(np.sum(ref.top == np.argmax(cand, axis=-1)))
+        self._nll_ref += ref.nll
+        self._nll_cand -= float(np.sum(cand[np.arange(len(ref.targets)), ref.targets]))
+        self._positions += len(ref.targets)
 
     def result(self) -> Fidelity:
         """The figures so far; NaN throughout when no position was measured."""
@@ -298,9 +332,10 @@ def measure(
         for name in candidates.keys() - fitting.keys():
             accs[name].skipped += 1
         if fitting:
-            ref = reference.logprobs(prompt, ids)
+            # The reference's side once per sequence (its scorer returns normalised float64), not per candidate.
+            ref = Reference.of(reference.logprobs(prompt, ids), ids, normalised=True)
             for name, candidate in fitting.items():
-                accs[name].add(ref, candidate.logprobs(prompt, ids), ids)
+                accs[name].add_prepared(ref, candidate.logprobs(prompt, ids))
         if progress is not None:
             progress(done, total)
     return {name: acc.result() for name, acc in accs.items()}

@@ -5,6 +5,7 @@ MLflow shows ``mlflow.runName`` in the run tree and ``mlflow.note.content`` as a
 
 from __future__ import annotations
 
+import json
 import os
 
 NOTE = "mlflow.note.content"
@@ -25,10 +26,16 @@ def main_run_name(params_file: str, overrides: dict[str, str]) -> str:
     return f"main {profile} {given}".strip()[:120]
 
 
+# The question the printed call asks: one of the bundled set (the tiny model answers it) and of the real
+# set, to which every SmolLM2-135M candidate of the measured chain, champion included, answered "The
+# capital of Germany is Berlin." (bench/README.md).
+CALL_QUESTION = "What is the capital of Germany?"
+
+
 def call_command(registered_model: str, alias: str) -> list[str]:
     """How to serve and call ``models:/<name>@<alias>``: one OpenAI chat request, whichever wrapper holds it."""
     uri = f"models:/{registered_model}@{alias}"
-    body = '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
+    body = json.dumps({"messages": [{"role": "user", "content": CALL_QUESTION}], "max_tokens": 32})
     return [
         f'mlflow models serve -m "{uri}" --env-manager local --port 5001',
         f"curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d '{body}'",

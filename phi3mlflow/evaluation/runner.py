@@ -5,6 +5,7 @@ fidelity against the reference, ranked and decided (phi3mlflow/summary.py), and 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import sys
 import tempfile
@@ -172,29 +173,58 @@ def _evaluate(s: Settings, params: dict, stack: contextlib.ExitStack) -> Summary
 
 
 def _fidelity(models, reference: str, scored: list[Candidate], questions: list[str], ref_answers: list[str]) -> None:
-    """Teacher-forced fidelity of every ONNX candidate made from the reference's own model."""
+    """Teacher-forced fidelity of every ONNX candidate made from the reference's own model. Two
+    candidates whose ORT GenAI folders hold the same files (a champion logged by an earlier chain
+    from the export a candidate logs again, say) are measured once: the same files give the same
+    figures, and each pass costs a prefill per question."""
     from phi3mlflow import fidelity  # heavy: torch, through the reference's forward passes
 
     pipe = models[reference].model.get_raw_model()
     scorer = fidelity.TransformersScorer(pipe.model, pipe.tokenizer)
-    measured = {}
+    measured: dict[str, fidelity.GenAIScorer] = {}
+    twins: dict[str, str] = {}  # candidate key -> the measured candidate with the same files
     for c in scored:
         if c.wrapper != "onnx":
             continue
         chat = models[c.key].chat
-        if fidelity.same_tokenizer(scorer, chat):
+        if not fidelity.same_tokenizer(scorer, chat):
+            c.fidelity_note = "another tokenizer than the reference's: compared on answers alone"
+            continue
+        twin = next((k for k, m in measured.items() if _same_files(m.chat.folder, chat.folder)), None)
+        if twin is None:
             measured[c.key] = fidelity.GenAIScorer(chat)
         else:
-            c.fidelity_note = "another tokenizer than the reference's: compared on answers alone"
+            twins[c.key] = twin
     if not measured:
         return
-    print(f"evaluate: fidelity of {', '.join(measured)} against {reference}, teacher-forced on its answers", flush=True)
+    same = "".join(f"; {k} has the files of {t}" for k, t in twins.items())
+    print(f"evaluate: fidelity of {', '.join(measured)} against {reference}, teacher-forced on its answers{same}",
+          flush=True)  # fmt: skip
     with Progress("evaluate fidelity", len(questions)) as progress:
         figures = fidelity.measure(scorer, measured, questions, ref_answers,
                                    progress=lambda done, total: progress.update(done - progress.done))  # fmt: skip
+    figures.update({k: figures[t] for k, t in twins.items()})
     for c in scored:
         if c.key in figures:
             c.fidelity = {k: round(float(v), 6) for k, v in figures[c.key].metrics().items()}
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Whether two model folders hold the same files, byte for byte (sizes first, then SHA-256)."""
+    files = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file())
+    if files != sorted(f.relative_to(b) for f in b.rglob("*") if f.is_file()):
+        return False
+    if any((a / f).stat().st_size != (b / f).stat().st_size for f in files):
+        return False
+    return all(_sha256(a / f) == _sha256(b / f) for f in files)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _log(result: Summary, refs, table, answers: dict[str, list[str]], dataset, per_request: dict[str, int]) -> None:

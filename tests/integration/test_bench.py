@@ -21,7 +21,8 @@ PAIRS = {name: 1 for name in (*TARGETS, *REPORTED, *REAL_TARGETS, *REAL_REPORTED
 # Figures whose per-pair ratio is A's seconds over B's: with one pair, the figure is a_median_s / b_median_s.
 # (int4_vs_chat_speedup is a tokens-per-second ratio, serve_vs_inprocess has five pairs.)
 TIME_RATIOS = ("onnx_overhead_fp32", "onnx_overhead_int4", "noise_floor_int4", "chat_overhead", "cache_rerun_ratio",
-               "cache_rerun_floor", "tracing_cost", "real_onnx_overhead_int4", "real_noise_floor_int4")  # fmt: skip
+               "cache_rerun_floor", "tracing_cost", "real_onnx_overhead_int4", "real_noise_floor_int4",
+               "evidence_cost")  # fmt: skip
 
 
 def test_quick_benchmark_reports_every_figure(tmp_path, model_cache):
@@ -63,6 +64,11 @@ def test_quick_benchmark_reports_every_figure(tmp_path, model_cache):
     batch = report["figures"]["eval_batch_speedup"]
     assert batch["same_answers"] is True
     assert (batch["questions"], batch["questions_per_request"], batch["max_new_tokens"]) == (9, 8, 16)
+    # evidence_cost: the champion asked as a candidate of its own, and fidelity measured, on one side only.
+    evidence = report["figures"]["evidence_cost"]
+    assert evidence["candidates"] == ["champion", "chat", "onnx_fp32", "onnx_int4"]
+    assert evidence["candidates_without"] == ["chat", "onnx_fp32", "onnx_int4"]
+    assert evidence["fidelity_measured"] == ["champion", "onnx_fp32", "onnx_int4"] and evidence["questions"] == 5
     assert (report["mode"], report["pairs"], report["overhead_pairs"], report["calls_per_side"]) == ("quick", 1, 1, 1)
     assert report["new_tokens"] == 16 and report["prompt_tokens"] > 0
     assert report["versions"]["onnxruntime-genai"] == "0.18.0"

@@ -73,6 +73,7 @@ SECTIONS = ("in_process", "serving", "kl")
 KL_QUESTIONS = 132
 # Serving: ours / llama.cpp's server, tokens/s at 1 and 8 clients.
 SERVE_TARGETS = {"serve_1_client_vs_llamacpp": 1.0, "serve_8_clients_vs_llamacpp": 1.0}
+SERVE_TTFT_TARGET = 1.0  # serve_ttft_vs_llamacpp: ours / theirs, lower is better
 
 # convert_hf_to_gguf refuses a BPE vocabulary whose pre-tokenizer it has no hash for (ours is
 # self-trained). Its split is the byte-level GPT-2 regex, which llama.cpp calls "gpt-2".
@@ -452,6 +453,9 @@ def serving(setup: fig.Setup, gguf: Path, pairs: int) -> dict:
         for clients in (1, len(prompts)):
             name = "serve_1_client_vs_llamacpp" if clients == 1 else f"serve_{clients}_clients_vs_llamacpp"
             out[name] = _clients_figure((ours_port, theirs_port), prompts, clients, setup.new_tokens, count, pairs)
+        # Issue #27's one-client figure: our p50 time to first token over llama.cpp's, from the same pairs.
+        one = out["serve_1_client_vs_llamacpp"]["ttft_ms"]
+        out["serve_ttft_vs_llamacpp"] = one["ours"]["p50"] / one["llama.cpp"]["p50"]
         return out
     finally:
         for server in servers.values():
@@ -552,4 +556,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | "
                          f"{ours['p50']:.0f} / {ours['p95']:.0f} | {theirs['p50']:.0f} / {theirs['p95']:.0f} | "
                          f">= {target} | {'yes' if r['median'] >= target else 'no'} |")  # fmt: skip
+        ratio = sv["serve_ttft_vs_llamacpp"]
+        lines += [
+            "",
+            f"serve_ttft_vs_llamacpp (one client, p50 time to first token, ours / llama.cpp's): "
+            f"{ratio:.2f}, target <= {SERVE_TTFT_TARGET}: {'met' if ratio <= SERVE_TTFT_TARGET else 'not met'}",
+        ]
     return "\n".join(lines)

@@ -20,6 +20,27 @@ from collections.abc import Callable, Sequence
 
 from phi3mlflow.errors import InvalidRequest
 
+
+def check_fits(texts: list[str], context_length: int | None, longest_token: int, field: str = "messages") -> None:
+    """Refuse, before any tokenizing, text that cannot fit the context whatever the tokenizer does:
+    no token spells more than ``longest_token`` characters, so more characters than ``context_length``
+    x ``longest_token`` are more tokens than the context holds (a 900 kB message once cost every
+    client its tokenizing)."""
+    if not context_length or not longest_token:
+        return
+    chars = sum(len(t) for t in texts)
+    if chars > context_length * longest_token:
+        raise InvalidRequest(field, f"{'are' if field == 'messages' else 'is'} {chars} characters long: more than "
+                             f"the model's context of {context_length} tokens can hold (its longest token spells "
+                             f"{longest_token} characters)")  # fmt: skip
+
+
+def longest_token(vocab) -> int:
+    """The most characters one token of ``vocab`` (its token strings) spells: an upper bound, since a
+    byte-level token string has one character per byte."""
+    return max((len(t) for t in vocab), default=0)
+
+
 # Private-use characters: what stands in for each message's content while the template is written.
 _OPEN, _CLOSE = "\ue000", "\ue001"
 

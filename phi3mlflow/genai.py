@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3mlflow.batching import BatchLoop, GenerationRequest, start_generator
-from phi3mlflow.chat_text import ConversationText
+from phi3mlflow.chat_text import ConversationText, check_fits, longest_token
 from phi3mlflow.errors import InvalidRequest
 from phi3mlflow.serve.protocol import check_text
 
@@ -101,6 +101,17 @@ def special_tokens(folder: Path) -> list[str]:
     ]
 
 
+def vocabulary(folder: Path) -> list[str]:
+    """The token strings of the folder's tokenizer.json (its model's vocabulary and added tokens)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    tokens = list(vocab) if isinstance(vocab, dict) else [v[0] for v in vocab if isinstance(v, list) and v]
+    return [t for t in tokens if isinstance(t, str)] + special_tokens(folder)
+
+
 def default_threads() -> int:
     """All cores this process may use; ORT GenAI would otherwise run on one intra-op thread."""
     try:
@@ -146,6 +157,7 @@ class GenAIChat:
         self.user_marker = probe.split(SENTINEL, 1)[0].strip()
         self.conversation = ConversationText(self._render, lambda text: list(self.tokenizer.encode(text)),
                                              special_tokens(self.folder))  # fmt: skip
+        self.longest_token = longest_token(vocabulary(self.folder))
         self._batcher: BatchLoop | None = None
         self._batcher_lock = threading.Lock()
 
@@ -162,6 +174,7 @@ class GenAIChat:
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation (checked by phi3mlflow.serve.protocol) as ids, through the model's chat
         template; what the messages say is encoded as text, never as special tokens (phi3mlflow/chat_text.py)."""
+        check_fits([m["content"] for m in messages], self.context_length, self.longest_token)
         return self.conversation.encode_conversation(messages)
 
     def _render(self, messages: list[dict[str, str]]) -> str:
@@ -195,6 +208,7 @@ class GenAIChat:
         if not prompt.strip():
             raise InvalidRequest("prompt", "must not be empty")
         check_text(prompt, "prompt")
+        check_fits([prompt], self.context_length, self.longest_token, "prompt")
         ids = self.tokenizer.encode(self.format_prompt(prompt))
         if len(ids) >= self.context_length:
             raise InvalidRequest(

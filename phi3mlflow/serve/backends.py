@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from phi3mlflow.batching import MAX_WAITING, SEED_RANGE, Delta, Done, Event, Failed, GenerationRequest, truncate_at_stop
-from phi3mlflow.chat_text import ConversationText
+from phi3mlflow.chat_text import ConversationText, check_fits, longest_token
 from phi3mlflow.errors import InputError, InvalidRequest, Overloaded
 from phi3mlflow.serve import protocol
 
@@ -114,6 +114,7 @@ class PipelineBackend:
         specials = set(self.tokenizer.all_special_tokens)
         specials |= {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
         self.conversation = ConversationText(self._render, self._encode, sorted(specials))
+        self.longest_token = longest_token(self.tokenizer.get_vocab())
         self.worker = SerialWorker(max_waiting)
 
     def close(self) -> None:
@@ -137,6 +138,7 @@ class PipelineBackend:
             raise InvalidRequest("response_format", "the transformers model cannot constrain its output; serve an "
                                  "ONNX model (onnx_wrapper) for structured output")  # fmt: skip
         max_tokens = request.max_tokens or self.default_max_tokens
+        check_fits([m["content"] for m in request.messages], self.context_length, self.longest_token)
         ids = self.conversation.encode_conversation(request.messages)
         if self.context_length:
             protocol.check_length(len(ids), max_tokens, self.context_length)

@@ -269,3 +269,17 @@ def test_limits_defaults_are_the_clis():
     assert args.max_body_bytes == limits.MAX_BODY_BYTES and args.header_timeout == limits.HEADER_TIMEOUT_S
     with pytest.raises(SystemExit):
         cli.parse_args(["--header-timeout", "0"])
+
+
+def test_text_too_long_for_any_tokenizing_to_fit_is_refused_before_tokenizing():
+    from phi3mlflow.chat_text import check_fits, longest_token
+
+    assert longest_token(["a", "abc", "ĊĠĠ"]) == 3
+    check_fits(["x" * 300], 100, 3)  # 300 characters may be 100 tokens of 3: tokenize and see
+    with pytest.raises(InvalidRequest) as e:
+        check_fits(["x" * 200, "y" * 101], 100, 3)
+    assert e.value.param == "messages" and "301 characters" in str(e.value)
+    with pytest.raises(InvalidRequest) as e:
+        check_fits(["x" * 400], 100, 3, "prompt")
+    assert e.value.param == "prompt"
+    check_fits(["x" * 10**6], None, 3)  # no context known: no bound

@@ -13,11 +13,12 @@ request's events through. Stop strings are cut here, as the tokens arrive (``tru
 An idle worker starts what is waiting at once (requests submitted together, ``submit_many``, are
 seen together); while batches run, a new request waits ``GATHER_S`` for companions. It decodes up
 to ``max_batch_size`` requests with the same sampling settings as one ORT GenAI generator batch:
-prompts right-padded with the model's pad token, as ``Tokenizer.encode_batch`` pads them, so each row's greedy tokens are the ones it gets alone (measured: 132 of 132 real
-questions). og's CPU generator takes no rows once it runs, so a request that arrives while batches
-decode starts as a batch of its own, and the worker steps up to ``max_generators`` batches in turn,
-one token each, within one KV-cache budget; a batch ends when every row has (end token, its own
-``max_tokens``, a stop string, or its caller gone). og.Engine is not used: on
+prompts right-padded with the model's pad token, as ``Tokenizer.encode_batch`` pads them, so each
+row's greedy tokens are the ones it gets alone (measured: 132 of 132 real questions). og's CPU
+generator takes no rows once it runs, so a request that arrives while batches decode starts as a
+batch of its own, and the worker steps up to ``max_generators`` batches in turn, one token each,
+within one KV-cache budget; a batch ends when every row has (end token, its own ``max_tokens``, a
+stop string, or its caller gone). og.Engine is not used: on
 CPU its static scheduler batches a fixed 4 requests whatever ``max_batch_size`` says (0.18), and
 its continuous batching needs a paged-attention export the builder makes only for CUDA and WebGPU;
 bench/README.md has the measurements. More than ``max_waiting`` requests in the loop at once are

@@ -19,6 +19,7 @@ from phi3mlflow.serve.slot import Follower, ModelInfo, ModelSlot, Served
 from phi3mlflow.serve.tracing import RequestTrace, link_to_model, traced
 
 DEFAULT_MODEL_URI = "models:/phi3-chat@champion"
+LOOPBACK = "127.0.0.1"  # where the server listens unless --host says otherwise
 # On SIGTERM, how long requests in progress may go on before they are cancelled: a stream may
 # have thousands of tokens to go, and an orchestrator kills the process after its own grace period.
 GRACEFUL_SHUTDOWN_S = 5
@@ -31,8 +32,8 @@ def parser(prog: str = "python -m phi3mlflow.serve", description: str | None = N
                         "models:/m-..., runs:/...")  # fmt: skip
     p.add_argument("--model_uri", "--model-uri", dest="model_uri_flag", default=None,
                    help="the same as the positional model_uri (the MLproject's spelling)")  # fmt: skip
-    p.add_argument("--host", default=None, help="the address to listen on (default 127.0.0.1, this machine only; "
-                   "0.0.0.0: every interface)")  # fmt: skip
+    p.add_argument("--host", default=LOOPBACK, help=f"the address to listen on (default {LOOPBACK}, this machine "
+                   "only; 0.0.0.0: every interface)")  # fmt: skip
     p.add_argument("--port", type=positive_int, default=8080)
     p.add_argument("--model_name", "--model-name", default="", help="the id /v1/models reports (default: the URI)")
     p.add_argument("--trace", type=true_false, nargs="?", const=True, default=False,
@@ -100,7 +101,6 @@ def tracking_unreachable(timeout_s: float = 3.0) -> str:
         return f"the tracking server {uri} does not answer ({' '.join(str(e).split())[:120]})"
 
 
-LOOPBACK = "127.0.0.1"
 # How often the server asks the registry which version holds the alias it serves (--follow-interval).
 FOLLOW_INTERVAL_S = 30.0
 

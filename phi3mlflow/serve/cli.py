@@ -66,24 +66,24 @@ def parse_args(argv=None, prog: str = "python -m phi3mlflow.serve", description:
     return args
 
 
-def positive_float(value: str) -> float:
+def _finite(value: str, zero_ok: bool) -> float:
+    """A finite number > 0 (>= 0 with ``zero_ok``), as an argparse type."""
+    bound = ">= 0" if zero_ok else "> 0"
     try:
         x = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a number {bound}, got {value!r}") from None
+    if not (0 <= x if zero_ok else 0 < x) or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
     return x
+
+
+def positive_float(value: str) -> float:
+    return _finite(value, zero_ok=False)
 
 
 def non_negative_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not 0 <= x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return x
+    return _finite(value, zero_ok=True)
 
 
 def tracking_unreachable(timeout_s: float = 3.0) -> str:

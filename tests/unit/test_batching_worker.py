@@ -197,17 +197,17 @@ def test_a_request_arriving_while_a_long_answer_decodes_does_not_wait_for_it():
     loop, og = make()
     og.step_s = 0.002
     long_box: queue.SimpleQueue = queue.SimpleQueue()
-    loop.submit(request(12, max_tokens=50), long_box.put)  # 50 steps of " x"
+    loop.submit(request(12, max_tokens=200), long_box.put)  # 200 steps of " x": 0.4 s at least
     while loop.batches == 0:
         threading.Event().wait(0.001)
     short = list(loop.events(request(11)))  # "Rome." in 4 steps
     assert "".join(e.text for e in short if isinstance(e, Delta)) == "Rome."
     # The short answer ended while the long one was still decoding: it was stepped beside it.
-    assert long_box.qsize() < 50 and loop.batches == 2
+    assert long_box.qsize() < 200 and loop.batches == 2
     events = collect(long_box)
     while not isinstance(events[-1], Done):
         events += collect(long_box)
-    assert events[-1] == Done("length", 3, 50)
+    assert events[-1] == Done("length", 3, 200)
 
 
 def test_running_batches_share_one_kv_budget():

@@ -75,21 +75,36 @@ def serving(model_uri: str, log_path: Path, env: dict | None = None):
     """``mlflow models serve`` of ``model_uri`` on a free loopback port; yields its base URL and
     stops it (by process group) afterwards."""
     args = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "--workers", "1"]
-    with _server(args, "/ping", log_path, env) as base:
+    with _server(args, "/ping", log_path, env) as (base, _):
         yield base
 
 
 @contextlib.contextmanager
 def openai_server(model_uri: str, log_path: Path, *flags: str, env: dict | None = None):
     """``python -m phi3mlflow.serve`` of ``model_uri`` (with ``flags``) on a free loopback port."""
-    with _server(["phi3mlflow.serve", model_uri, *flags], "/health", log_path, env) as base:
+    with _server(["phi3mlflow.serve", model_uri, *flags], "/health", log_path, env) as (base, _):
         yield base
+
+
+@contextlib.contextmanager
+def openai_server_process(model_uri: str, log_path: Path, *flags: str):
+    """As ``openai_server``, yielding the base URL and the server's process (to read its memory)."""
+    with _server(["phi3mlflow.serve", model_uri, *flags], "/health", log_path, None) as served:
+        yield served
+
+
+def rss_mb(pid: int) -> float:
+    """The process's resident memory (VmRSS), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 @contextlib.contextmanager
 def _server(module_args: list[str], ready_path: str, log_path: Path, env: dict | None):
     """``python -m <module_args> --host 127.0.0.1 --port <free>`` from the project, logging to
-    ``log_path``; yields its base URL once ``ready_path`` answers, stops its process group after."""
+    ``log_path``; yields its base URL and process once ``ready_path`` answers, stops its process group after."""
     port = free_port()
     log = open(log_path, "wb")
     proc = subprocess.Popen(
@@ -99,7 +114,7 @@ def _server(module_args: list[str], ready_path: str, log_path: Path, env: dict |
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}{ready_path}", proc, log_path)
-        yield base
+        yield base, proc
     finally:
         stop(proc, timeout=30)
         log.close()

@@ -1,6 +1,7 @@
 """The champion's server as operators run it (issue #28), against a real ``mlflow server`` registry
-and the session's logged models: it follows ``@champion`` while 8 streaming clients talk to it
-(no request fails, later answers name the new version, the old one is released), keeps serving
+and the session's logged models: it follows ``@champion`` while 8 streaming clients talk to it and a
+``register`` run moves the alias (no request fails, later answers name the new version, the old one
+is released; its memory going back is measured on SmolLM2 in tests/integration/test_real.py), keeps serving
 when the alias moves to a version that will not load, needs its key, and its /metrics parse with
 prometheus_client's own parser and count what was sent. The in-process cases are in
 tests/unit/test_serving_operations.py."""
@@ -33,6 +34,15 @@ def versions(tracking_uri, int4_run, chat_run, tmp_path_factory):
     v2 = mlflow.register_model(chat_run.run.data.tags["model_uri"], NAME).version
     client.set_registered_model_alias(NAME, "champion", v1)
     return client, str(v1), str(v2)
+
+
+@pytest.fixture(scope="module")
+def chat_evaluation(mlflow_run, chat_run, tmp_path_factory):
+    """An evaluate run whose winner is the transformers model (version 2), for register to act on."""
+    data = tmp_path_factory.mktemp("ops-data") / "spain.csv"
+    data.write_text("question,answer\nWhat is the capital of Spain?,Madrid\n")
+    params = {"chat_model_uri": chat_run.run.data.tags["model_uri"], "dataset": str(data), "fidelity": "false"}
+    return mlflow_run("evaluate", params, experiment="ops").run_id
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +90,8 @@ def wait_for(condition, timeout: float = 120) -> bool:
 
 
 @pytest.mark.slow
-def test_eight_streaming_clients_see_no_failure_while_the_alias_moves(server, versions):
+def test_eight_streaming_clients_see_no_failure_while_register_moves_the_alias(server, versions, chat_evaluation,
+                                                                                mlflow_run):  # fmt: skip
     base, log = server
     client, v1, v2 = versions
     assert health(base)["version"] == v1
@@ -101,7 +112,11 @@ def test_eight_streaming_clients_see_no_failure_while_the_alias_moves(server, ve
     for t in threads:
         t.start()
     time.sleep(2)
-    client.set_registered_model_alias(NAME, "champion", v2)
+    # The step an operator's chain runs: ``mlflow run -e register`` (forced: the evaluation did not
+    # ask the current champion, so without force it would leave the alias where it is).
+    moved = mlflow_run("register", {"eval_run_id": chat_evaluation, "registered_model_name": NAME, "force": "true"},
+                       experiment="ops").run.data.tags  # fmt: skip
+    assert (moved["alias_moved"], moved["registered_version"]) == ("true", v2)
     # The server swaps within its follow interval plus a load; every client then hears version 2.
     assert wait_for(lambda: all(s and s[-1][2] == f"{NAME}/{v2}" for s in seen) or bool(errors))
     stop.set()

@@ -15,7 +15,7 @@ from phi3mlflow.serve import auth
 from phi3mlflow.serve.backends import backend_for
 from phi3mlflow.serve.limits import HEADER_TIMEOUT_S, MAX_BODY_BYTES, header_timeout_protocol
 from phi3mlflow.serve.options import Options
-from phi3mlflow.serve.slot import Follower, ModelInfo, ModelSlot, Served
+from phi3mlflow.serve.slot import Follower, ModelInfo, ModelSlot, Served, map_large_allocations
 from phi3mlflow.serve.tracing import RequestTrace, link_to_model, traced
 
 DEFAULT_MODEL_URI = "models:/phi3-chat@champion"
@@ -185,6 +185,8 @@ def serve(model_uri: str, host: str | None, port: int, model_name: str = "", tra
     if trace and (unreachable := tracking_unreachable()):
         print(f"serve: tracing off: {unreachable}", flush=True)
         trace = False
+    if follow_interval > 0:
+        map_large_allocations()  # so that a swapped-out version's memory goes back
     served = load(resolve(model_uri, model_name), trace)
     app = build_app(served, trace, options, follow_interval)
     following = f", following @{served.info.alias} every {follow_interval:g} s" if app.state.follower else ""

@@ -13,6 +13,7 @@ load leaves the current one serving, and ``/health`` says why.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import threading
 from collections.abc import Callable
@@ -57,7 +58,48 @@ def release(served: Served) -> None:
     if close is not None:
         close()
     served.backend = served.fallback = None
+    _forget_endpoints()
     gc.collect()
+    _return_freed_memory()
+
+
+# glibc's mallopt parameter, and the size above which the server's allocations get mappings of their own.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 64 * 1024
+
+
+def map_large_allocations() -> None:
+    """Called once before the first model loads. glibc serves an allocation above a threshold from
+    a mapping of its own, unmapped when freed; it raises that threshold as the process frees large
+    blocks, and then a model's weights land in heaps that keep their pages after a release. Fixed
+    at 64 KiB, a released version's memory goes back to the system (bench/README.md has the figures)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
+def _forget_endpoints() -> None:
+    """FastAPI (0.16x) keeps every endpoint it has classified in module-level LRU caches, and the
+    endpoints of MLflow's scoring app (the fallback) close over the model: without this, a
+    released version's model stays in memory (bench/README.md)."""
+    try:
+        from fastapi.dependencies import models  # only where FastAPI serves the fallback
+    except ImportError:
+        return
+    for name in ("_is_gen_callable_cached", "_is_async_gen_callable_cached", "_is_coroutine_callable_cached"):
+        cached = getattr(models, name, None)
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed memory in its heaps; give what is free back to the system (a no-op where
+    the C library is not glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class ModelSlot:

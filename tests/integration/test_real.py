@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from phi3mlflow import DATA_DIR, gguf
-from tests.support import ROOT, one_line_error, run_step
+from tests.support import ROOT, one_line_error, openai_server_process, rss_mb, run_step
 
 pytestmark = pytest.mark.slow
 QUESTIONS = [json.loads(line) for line in (DATA_DIR / "real_questions.jsonl").read_text().splitlines()]
@@ -139,3 +139,96 @@ def test_the_relative_gate_refuses_a_candidate_that_loses_too_much(real_chain, c
     assert version.tags["candidate"] == "chat" and version.source == chat_run.run.data.tags["model_uri"]
     # The evaluate run's description names the refusal.
     assert "refused: onnx_int4 may lose more than max_accuracy_drop" in evaluated.run.data.tags["mlflow.note.content"]
+
+
+def test_an_alias_swap_under_the_server_releases_the_old_version_and_its_memory(real_chain, tmp_path):
+    """The server follows ``@champion`` from SmolLM2's int8 export to its int4 one: while both are
+    loaded its memory rises, and once the int8 version's last request ended and it was released,
+    the memory falls back (issue #28; the tiny model is too small to see this)."""
+    import threading
+    import time
+
+    import openai
+
+    result, _ = real_chain
+    tags = result.run.data.tags
+    uris = {p: mlflow.get_run(tags[f"child.onnx_wrapper.{p}.run_id"]).data.tags["model_uri"] for p in ("int8", "int4")}
+    client = mlflow.MlflowClient()
+    v1 = mlflow.register_model(uris["int8"], "smollm2-swap").version
+    v2 = mlflow.register_model(uris["int4"], "smollm2-swap").version
+    client.set_registered_model_alias("smollm2-swap", "champion", v1)
+    log = tmp_path / "serve.log"
+    question = [{"role": "user", "content": "What is the capital of Germany?"}]
+    with openai_server_process("models:/smollm2-swap@champion", log, "--follow-interval", "0.5") as (base, proc):
+        ask = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        first = ask.chat.completions.create(model="m", messages=question, max_tokens=16, temperature=0)
+        assert first.system_fingerprint == f"smollm2-swap/{v1}" and "Berlin" in first.choices[0].message.content
+        before = rss_mb(proc.pid)
+        peak, done = [before], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak.append(rss_mb(proc.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            client.set_registered_model_alias("smollm2-swap", "champion", v2)
+            deadline = time.monotonic() + 180
+            while f"released smollm2-swap/{v1}" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1)
+        finally:
+            done.set()
+            sampler.join()
+        after = rss_mb(proc.pid)
+        second = ask.chat.completions.create(model="m", messages=question, max_tokens=16, temperature=0)
+        assert second.system_fingerprint == f"smollm2-swap/{v2}"
+    print(f"RSS MB: int8 serving {before:.0f}, swap peak {max(peak):.0f}, int4 after int8's release {after:.0f}")
+    assert f"released smollm2-swap/{v1}" in log.read_text()
+    assert max(peak) - before > 50, "the int4 model was loaded beside the int8 one"
+    assert after < max(peak) - 100 and after < before, "the int8 model's memory went back"
+
+
+def test_a_late_request_behind_a_long_real_stream_gets_its_first_token_before_that_stream_ends(real_chain, tmp_path):
+    """Issue #27's order of events on the real model, where decoding takes time: a request sent
+    while a long answer streams starts decoding beside it (its first token, and its whole answer,
+    arrive before the long answer's end), instead of waiting for that answer as it did before."""
+    import threading
+
+    import openai
+
+    result, _ = real_chain
+    int4 = mlflow.get_run(result.run.data.tags["child.onnx_wrapper.int4.run_id"]).data.tags["model_uri"]
+    with openai_server_process(int4, tmp_path / "serve.log") as (base, _):
+        ask = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        order: list[str] = []
+        long_stream = ask.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Count from 1 to 300, separated by commas."}],
+            max_tokens=300, temperature=0, stream=True,
+        )  # fmt: skip
+        chunks = iter(long_stream)
+        for _ in range(5):  # the long answer is under way
+            next(chunks)
+
+        def late() -> None:
+            germany = [{"role": "user", "content": "What is the capital of Germany?"}]
+            stream = ask.chat.completions.create(model="m", messages=germany, max_tokens=16, temperature=0, stream=True)
+            text = ""
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    if not text:
+                        order.append("late:first token")
+                    text += chunk.choices[0].delta.content
+            order.append(f"late:end {'Berlin' in text}")
+
+        thread = threading.Thread(target=late)
+        thread.start()
+        long_tokens = 5
+        for chunk in chunks:
+            long_tokens += 1
+            if chunk.choices and chunk.choices[0].finish_reason:
+                order.append(f"long:{chunk.choices[0].finish_reason}")
+        thread.join(300)
+    assert order == ["late:first token", "late:end True", "long:length"], (order, long_tokens)

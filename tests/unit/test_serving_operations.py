@@ -277,3 +277,38 @@ def test_cors_is_off_by_default_and_allows_only_the_origins_given():
     other = c.options("/v1/chat/completions", headers={"Origin": "https://evil.example",
                                                        "Access-Control-Request-Method": "POST"})  # fmt: skip
     assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def test_release_lets_the_model_behind_a_fallback_app_go():
+    """MLflow's scoring app closes its endpoints over the model, and FastAPI keeps every endpoint it
+    classified in module-level caches: release drops those, so the released model is freed."""
+    import gc
+    import weakref
+
+    from fastapi import FastAPI
+
+    from phi3mlflow.serve.slot import release
+
+    class Model:
+        def predict(self, rows):
+            return rows
+
+    def scoring_app(model: Model) -> FastAPI:  # the shape of mlflow.pyfunc.scoring_server.init
+        fallback = FastAPI()
+
+        @fallback.get("/ping")
+        def ping():
+            return {"model": type(model).__name__}
+
+        return fallback
+
+    model = Model()
+    gone = weakref.ref(model)
+    fallback = scoring_app(model)
+    assert TestClient(fallback).get("/ping").json() == {"model": "Model"}
+    served = Served(V1, ScriptedBackend(ANSWER), fallback)
+    del model, fallback
+    gc.collect()
+    assert gone() is not None  # held: by the Served, and by FastAPI's caches
+    release(served)
+    assert gone() is None and served.backend is None and served.fallback is None

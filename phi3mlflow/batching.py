@@ -17,8 +17,10 @@ prompts right-padded with the model's pad token, as ``Tokenizer.encode_batch`` p
 row's greedy tokens are the ones it gets alone (measured: 132 of 132 real questions). og's CPU
 generator takes no rows once it runs, so a request that arrives while batches decode starts as a
 batch of its own, and the worker steps up to ``max_generators`` batches in turn, one token each,
-within one KV-cache budget; a batch ends when every row has (end token, its own ``max_tokens``, a
-stop string, or its caller gone). og.Engine is not used: on
+within one KV-cache budget. One exception: a lone greedy request a few tokens old, joined by a
+burst, is restarted with it as one batch (``MERGE_TOKENS``; its tokens so far are decoded again,
+checked, and not sent twice). A batch ends when every row has
+(end token, its own ``max_tokens``, a stop string, or its caller gone). og.Engine is not used: on
 CPU its static scheduler batches a fixed 4 requests whatever ``max_batch_size`` says (0.18), and
 its continuous batching needs a paged-attention export the builder makes only for CUDA and WebGPU;
 bench/README.md has the measurements. More than ``max_waiting`` requests in the loop at once are
@@ -50,6 +52,12 @@ MAX_GENERATORS = 4
 # While batches run, how long a newly arrived request waits for companions before it starts as a
 # batch of its own (the running batches keep stepping meanwhile).
 GATHER_S = 0.02
+# A lone greedy request this young (no more tokens than this) is restarted together with at least
+# MERGE_JOINING greedy requests that arrive now, as one batch: its first tokens are decoded again
+# and checked, not sent again. A burst whose first request started alone at once (an idle loop
+# waits for no one) then decodes as one batch instead of two generators stepped in turn.
+MERGE_TOKENS = 8
+MERGE_JOINING = 2
 
 __all__ = ["BatchLoop", "Cancel", "Delta", "Done", "Failed", "GenerationRequest", "Overloaded", "Submit"]
 
@@ -163,6 +171,8 @@ class _Row:
     generated: int = 0
     finished: bool = False
     logprobs: list[dict] = field(default_factory=list)  # entries not yet delivered
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    replay: int = 0  # after a restart: how many of ``tokens`` the new generator decodes again
 
 
 @dataclass
@@ -198,6 +208,7 @@ class BatchLoop:
         # Batches decoded so far and the tickets of the last one: what the fast tests assert batching on.
         self.batches = 0
         self.last_batch: tuple[int, ...] = ()
+        self.merges = 0  # lone young requests restarted with a burst (MERGE_TOKENS)
         # Told each batch's size as it starts (the server's /metrics); called on the worker thread.
         self.on_batch: Callable[[int], None] | None = None
         self._closing = False
@@ -330,11 +341,17 @@ class BatchLoop:
                 if not self._waiting and not self._active:
                     self._take([self._inbox.get()])  # idle: sleep until a command, then start at once
                 self._take(self._drain())
-                while self._waiting and len(self._active) < self.max_generators and self._gathered():
-                    ready = self._next_batch()
+                while self._waiting and self._gathered():
+                    young = self._young_batch()
+                    ready = self._next_batch(young) if young is not None else []
                     if not ready:
-                        break
-                    self._start(ready)
+                        young = None
+                        if len(self._active) >= self.max_generators:
+                            break
+                        ready = self._next_batch()
+                        if not ready:
+                            break
+                    self._start(ready, young)
                 # One step of every running batch in turn: a request that arrived while others decode
                 # starts with the next round rather than after their longest answer.
                 for running in list(self._active):
@@ -391,7 +408,23 @@ class BatchLoop:
     def _rows(self) -> dict[int, _Row]:
         return {row.ticket: row for batch in self._active for row in batch.rows}
 
-    def _next_batch(self) -> list[Submit]:
+    def _young_batch(self) -> _Batch | None:
+        """A running batch of one greedy request that the greedy requests waiting now restart with
+        (see MERGE_TOKENS): at least MERGE_JOINING of them, with its constraint."""
+        if not self._waiting or self._waiting[0].request.temperature > 0:
+            return None
+        guidance = self._waiting[0].request.guidance
+        joining = sum(item.request.temperature <= 0 and item.request.guidance == guidance for item in self._waiting)
+        if joining < MERGE_JOINING:
+            return None
+        for batch in self._active:
+            row = batch.rows[0]
+            if (len(batch.rows) == 1 and row.request.temperature <= 0 and row.request.guidance == guidance
+                    and not row.finished and row.generated <= MERGE_TOKENS):  # fmt: skip
+                return batch
+        return None
+
+    def _next_batch(self, young: _Batch | None = None) -> list[Submit]:
         """The first waiting request and, in order, those that share its sampling settings, while
         every row's whole answer fits in the context after the batch's longest prompt (the rows share
         one length) and the KV cache of every running batch and this one (rows x their length) stays
@@ -408,27 +441,37 @@ class BatchLoop:
             return (request.temperature, request.top_p, request.guidance,
                     id(request) if request.seed is not None else None)  # fmt: skip
 
-        used = sum(batch.kv_bytes for batch in self._active)
+        used = sum(batch.kv_bytes for batch in self._active if batch is not young)
         key = sampling(self._waiting[0].request)
         batch: list[Submit] = []
-        longest = most = 0
+        carried = young.rows if young is not None else []
+        longest = max((len(row.request.ids) for row in carried), default=0)
+        most = max((row.request.max_tokens for row in carried), default=0)
         for item in self._waiting:
-            if len(batch) == self.max_batch_size:
+            if len(carried) + len(batch) == self.max_batch_size:
                 break
             request = item.request
             length = max(longest, len(request.ids)) + max(most, request.max_tokens)
-            kv = used + (len(batch) + 1) * length * self.kv_bytes_per_token
+            kv = used + (len(carried) + len(batch) + 1) * length * self.kv_bytes_per_token
             fits = length <= self.context_length and (not self.max_batch_kv_bytes or kv <= self.max_batch_kv_bytes)
-            if sampling(request) == key and (fits or not (batch or self._active)):
+            if sampling(request) == key and (fits or (young is None and not (batch or self._active))):
                 batch.append(item)
                 longest, most = max(longest, len(request.ids)), max(most, request.max_tokens)
         taken = {item.ticket for item in batch}
         self._waiting = [item for item in self._waiting if item.ticket not in taken]
         return batch
 
-    def _start(self, batch: list[Submit]) -> None:
-        longest = max(len(item.request.ids) for item in batch)
+    def _start(self, batch: list[Submit], young: _Batch | None = None) -> None:
+        """Start ``batch`` as a generator; with ``young``, restart that batch's row in it too."""
         rows = [_Row(item.ticket, item.request, item.sink, self.tokenizer.create_stream()) for item in batch]
+        if young is not None:
+            self._active.remove(young)
+            young.generator = None  # its KV cache goes with it
+            for row in young.rows:
+                row.replay = len(row.tokens)
+            rows = young.rows + rows
+            self.merges += 1
+        longest = max(len(row.request.ids) for row in rows)
         self.batches += 1
         self.last_batch = tuple(row.ticket for row in rows)
         if self.on_batch is not None:
@@ -458,7 +501,9 @@ class BatchLoop:
                 logits = np.asarray(generator.get_logits()).reshape(len(rows), -1) if batch.scored else None
                 generator.generate_next_token()
                 for i, (row, token) in enumerate(zip(rows, generator.get_next_tokens(), strict=True)):
-                    if not row.finished:
+                    if not row.finished and row.replay:
+                        self._replayed(row, int(token))
+                    elif not row.finished:
                         if logits is not None and row.request.logprobs is not None and int(token) not in self.eos:
                             row.logprobs.append(self._logprob_entry(logits[i], int(token), row.request.logprobs))
                         self._token(row, int(token))
@@ -500,8 +545,17 @@ class BatchLoop:
         entries, row.logprobs = row.logprobs, []
         return Delta(text, entries)
 
+    def _replayed(self, row: _Row, token: int) -> None:
+        """A token of a restarted row that it had already: the same one, not sent again."""
+        expected = row.tokens[len(row.tokens) - row.replay]
+        row.replay -= 1
+        if token != expected:  # never seen: the rows of a batch each get their lone greedy tokens
+            self._end(row, Failed(f"generation diverged when batched with later requests (token {token}, "
+                                  f"not {expected}); ask again"))  # fmt: skip
+
     def _token(self, row: _Row, token: int) -> None:
         row.generated += 1
+        row.tokens.append(token)
         if token in self.eos:
             self._end(row, Done("stop", len(row.request.ids), row.generated))
             return

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from phi3mlflow.batching import BatchLoop, Delta, Done, Failed, GenerationRequest
+from phi3mlflow.batching import MERGE_TOKENS, BatchLoop, Delta, Done, Failed, GenerationRequest
 from phi3mlflow.errors import Overloaded
 
 # The test of a dying worker kills its thread on purpose; pytest reports that whenever it notices.
@@ -202,12 +202,77 @@ def test_a_request_arriving_while_a_long_answer_decodes_does_not_wait_for_it():
         threading.Event().wait(0.001)
     short = list(loop.events(request(11)))  # "Rome." in 4 steps
     assert "".join(e.text for e in short if isinstance(e, Delta)) == "Rome."
-    # The short answer ended while the long one was still decoding: it was stepped beside it.
-    assert long_box.qsize() < 200 and loop.batches == 2
+    # The short answer ended while the long one was still decoding: it was stepped beside it (one
+    # newcomer does not restart a young lone request: MERGE_JOINING).
+    assert long_box.qsize() < 200 and loop.batches == 2 and loop.merges == 0
     events = collect(long_box)
     while not isinstance(events[-1], Done):
         events += collect(long_box)
     assert events[-1] == Done("length", 3, 200)
+
+
+def drain(box: queue.SimpleQueue) -> list:
+    events = collect(box)
+    while not isinstance(events[-1], Done):
+        events += collect(box)
+    return events
+
+
+def test_a_lone_young_request_restarts_with_a_burst_and_sends_no_token_twice():
+    loop, og = make()
+    og.gate = threading.Event()  # the first request prefills, then waits at its first step
+    first: queue.SimpleQueue = queue.SimpleQueue()
+    loop.submit(request(10), first.put)
+    while loop.batches == 0:
+        threading.Event().wait(0.001)
+    later = [queue.SimpleQueue() for _ in range(2)]
+    for box, prompt in zip(later, (11, 13), strict=True):
+        loop.submit(request(prompt), box.put)
+    threading.Event().wait(0.05)  # older than GATHER_S when the first request's step ends
+    og.gate.set()
+    assert text(drain(first)) == "Madrid. Next"
+    assert [text(drain(box)) for box in later] == ["Rome.", "Rome"]
+    # One restart: the lone first request became a row of one batch of three.
+    assert loop.merges == 1 and loop.batches == 2 and len(loop.last_batch) == 3
+    assert [s["batch_size"] for s in og.searches] == [1, 3]
+
+
+def test_a_request_past_merge_tokens_is_not_restarted_and_a_burst_starts_beside_it():
+    loop, og = make()
+    og.step_s = 0.002
+    long_box: queue.SimpleQueue = queue.SimpleQueue()
+    loop.submit(request(12, max_tokens=60), long_box.put)
+    while long_box.qsize() <= MERGE_TOKENS:
+        threading.Event().wait(0.001)
+    burst = [queue.SimpleQueue() for _ in range(2)]
+    for box in burst:
+        loop.submit(request(11), box.put)
+    assert [text(drain(box)) for box in burst] == ["Rome."] * 2
+    assert text(drain(long_box)) == " x" * 60
+    assert loop.merges == 0 and loop.batches == 2 and len(loop.last_batch) == 2
+
+
+def test_a_restarted_row_whose_tokens_would_differ_fails_alone_and_its_mates_go_on():
+    loop, og = make()
+    og.gate = threading.Event()
+    SCRIPTS[14] = [1, 2, 3, EOS]
+    try:
+        first: queue.SimpleQueue = queue.SimpleQueue()
+        loop.submit(request(14), first.put)
+        while loop.batches == 0:
+            threading.Event().wait(0.001)
+        SCRIPTS[14] = [7, 8, EOS]  # what the restarted generator decodes for it: not what it sent
+        mates = [queue.SimpleQueue() for _ in range(2)]
+        for mate in mates:
+            loop.submit(request(11), mate.put)
+        threading.Event().wait(0.05)
+        og.gate.set()
+        events = collect(first)
+    finally:
+        del SCRIPTS[14]
+    assert text(events) == "Mad" and isinstance(events[-1], Failed) and "diverged" in events[-1].message
+    assert [text(drain(mate)) for mate in mates] == ["Rome."] * 2
+    assert loop.merges == 1
 
 
 def test_running_batches_share_one_kv_budget():
@@ -218,7 +283,8 @@ def test_running_batches_share_one_kv_budget():
     loop.on_batch = lambda size: running.append(len(loop._active) + 1)
     boxes = [queue.SimpleQueue() for _ in range(3)]
     for box in boxes:
-        loop.submit(request(12, max_tokens=20), box.put)
+        # Sampled: greedy ones that bunch up could restart the first as one batch (MERGE_TOKENS).
+        loop.submit(request(12, max_tokens=20, temperature=0.5), box.put)
         threading.Event().wait(0.02)
     for box in boxes:
         events = collect(box)

@@ -19,12 +19,12 @@ generator takes no rows once it runs, so a request that arrives while batches de
 batch of its own, and the worker steps up to ``max_generators`` batches in turn, one token each,
 within one KV-cache budget. One exception: a lone greedy request a few tokens old, joined by a
 burst, is restarted with it as one batch (``MERGE_TOKENS``; its tokens so far are decoded again,
-checked, and not sent twice). A batch ends when every row has
-(end token, its own ``max_tokens``, a stop string, or its caller gone). og.Engine is not used: on
-CPU its static scheduler batches a fixed 4 requests whatever ``max_batch_size`` says (0.18), and
-its continuous batching needs a paged-attention export the builder makes only for CUDA and WebGPU;
-bench/README.md has the measurements. More than ``max_waiting`` requests in the loop at once are
-refused with ``Overloaded`` (the server answers 503), so a flood queues no unbounded work.
+checked, and not sent twice). A batch ends when every row has (end token, its own ``max_tokens``,
+a stop string, or its caller gone). og.Engine is not used: on CPU its static scheduler batches a
+fixed 4 requests whatever ``max_batch_size`` says (0.18), and its continuous batching needs a
+paged-attention export the builder makes only for CUDA and WebGPU; bench/README.md has the
+measurements. More than ``max_waiting`` requests in the loop at once are refused with
+``Overloaded`` (the server answers 503), so a flood queues no unbounded work.
 """
 
 from __future__ import annotations

@@ -16,10 +16,11 @@ to ``max_batch_size`` requests with the same sampling settings as one ORT GenAI 
 prompts right-padded with the model's pad token, as ``Tokenizer.encode_batch`` pads them, so each
 row's greedy tokens are the ones it gets alone (measured: 132 of 132 real questions). og's CPU
 generator takes no rows once it runs, so a request that arrives while batches decode starts as a
-batch of its own, and the worker steps up to ``max_generators`` batches in turn, one token each,
-within one KV-cache budget. One exception: a lone greedy request a few tokens old, joined by a
-burst, is restarted with it as one batch (``MERGE_TOKENS``; its tokens so far are decoded again,
-checked, and not sent twice). A batch ends when every row has (end token, its own ``max_tokens``,
+batch of its own, and the worker steps up to ``max_generators`` batches, one token at a time, each
+time the one that has had the least of its time (a batch's prefill counts against it once its first
+token is out), within one KV-cache budget. One exception: a lone greedy request a few tokens old,
+joined by a burst, is restarted with it as one batch (``MERGE_TOKENS``; its tokens so far are
+decoded again, checked, and not sent twice). A batch ends when every row has (end token, its own ``max_tokens``,
 a stop string, or its caller gone). og.Engine is not used: on CPU its static scheduler batches a
 fixed 4 requests whatever ``max_batch_size`` says (0.18), and its continuous batching needs a
 paged-attention export the builder makes only for CUDA and WebGPU; bench/README.md has the
@@ -183,6 +184,8 @@ class _Batch:
     generator: Any  # an og.Generator (or the fast tests' stand-in); None until started
     scored: bool  # some row wants logprobs: read the logits before each step
     kv_bytes: int  # the KV cache it may grow to
+    used: float = 0.0  # seconds of the worker's time charged to it (its steps, then its prefill)
+    debt: float = 0.0  # its prefill's seconds, charged after its first step
 
 
 class BatchLoop:
@@ -352,11 +355,16 @@ class BatchLoop:
                         if not ready:
                             break
                     self._start(ready, young)
-                # One step of every running batch in turn: a request that arrived while others decode
-                # starts with the next round rather than after their longest answer.
-                for running in list(self._active):
+                # One step of the running batch that has had the least of the worker's time: batches
+                # share it evenly, a prefill counting against the batch that asked for it (after its
+                # first token, so a newcomer's first token waits for no one's catching up).
+                if self._active:
+                    running = min(self._active, key=lambda b: b.used)
+                    start = time.perf_counter()
                     self._step(running)
-                    self._take(self._drain())  # cancels end their rows now; new requests join the next round
+                    running.used += time.perf_counter() - start + running.debt
+                    running.debt = 0.0
+                    self._take(self._drain())  # cancels end their rows now; new requests join at the next step
         except BaseException as e:
             # Never leave a caller waiting on a dead thread: fail what is in flight, what is still in
             # the inbox, and (through _broken) every later submit.
@@ -486,8 +494,12 @@ class BatchLoop:
                 ids[i, : len(row.request.ids)] = row.request.ids
             first = rows[0].request
             max_length = min(self.context_length, longest + most)
+            # It joins at the least time any running batch has had: no credit for having waited.
+            running.used = min((b.used for b in self._active if b is not running), default=0.0)
+            start = time.perf_counter()
             running.generator = start_generator(self.og, self.model, ids, max_length, first.temperature, first.top_p,
                                                 first.seed, first.guidance)  # fmt: skip
+            running.debt = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - fail this batch, keep the thread serving
             self._fail(running, e)
 

@@ -27,12 +27,14 @@ class Died(BaseException):
 
 class ScriptedOg:
     """The calls the loop makes on onnxruntime_genai, answering each row from SCRIPTS. ``gate``, when
-    set, is waited on before every step; ``die_at`` raises Died at that step."""
+    set, is waited on before every step; ``die_at`` raises Died at that step; ``step_s`` and
+    ``prefill_s`` are how long a step and a prompt's append take."""
 
     def __init__(self):
         self.gate: threading.Event | None = None
         self.die_at: int | None = None
         self.step_s = 0.0
+        self.prefill_s = 0.0
         self.searches: list[dict] = []
         og = self
 
@@ -52,6 +54,8 @@ class ScriptedOg:
                 self.params, self.step, self.rows = params, 0, None
 
             def append_tokens(self, ids):
+                if og.prefill_s:
+                    threading.Event().wait(og.prefill_s)
                 self.rows = [SCRIPTS[int(row[0])] for row in np.asarray(ids)]
                 self.prompt = np.asarray(ids).shape[1]
 
@@ -273,6 +277,41 @@ def test_a_restarted_row_whose_tokens_would_differ_fails_alone_and_its_mates_go_
     assert text(events) == "Mad" and isinstance(events[-1], Failed) and "diverged" in events[-1].message
     assert [text(drain(mate)) for mate in mates] == ["Rome."] * 2
     assert loop.merges == 1
+
+
+def test_a_newcomer_s_prefill_counts_against_it_after_its_first_token():
+    """Batches share the worker's time: a request whose prompt took 60 ms to append gets its first
+    token at once, then the running answer catches up on those 60 ms before its second token (in
+    turn, it would be one step each)."""
+    loop, og = make()
+    og.step_s = 0.001
+    order: list[str] = []
+    long_box: queue.SimpleQueue = queue.SimpleQueue()
+
+    def sink_for(name: str, box: queue.SimpleQueue):
+        def sink(event) -> None:
+            if isinstance(event, Delta):
+                order.append(name)
+            box.put(event)
+
+        return sink
+
+    loop.submit(request(12, max_tokens=200), sink_for("long", long_box))
+    while long_box.qsize() < 5:
+        threading.Event().wait(0.001)
+    og.prefill_s = 0.06
+    late_box: queue.SimpleQueue = queue.SimpleQueue()
+    order.append("submitted")
+    loop.submit(request(11), sink_for("late", late_box))
+    assert text(drain(late_box)) == "Rome."
+    og.prefill_s = 0.0
+    drain(long_box)
+    first, second = [i for i, name in enumerate(order) if name == "late"][:2]
+    # Its first token came at its turn: after the steps of its GATHER_S wait (20 of 1 ms at most),
+    # not after the 60 it then owed ...
+    assert first - order.index("submitted") - 1 <= 30, order[order.index("submitted") : first + 1]
+    # ... and before its second, the running answer had several steps (the 60 ms it waited).
+    assert second - first - 1 >= 5, order[first : second + 1]
 
 
 def test_running_batches_share_one_kv_budget():

@@ -172,7 +172,7 @@ class _Row:
     generated: int = 0
     finished: bool = False
     logprobs: list[dict] = field(default_factory=list)  # entries not yet delivered
-    tokens: list[int] = field(default_factory=list)  # generated so far
+    tokens: list[int] = field(default_factory=list)  # its first MERGE_TOKENS generated
     replay: int = 0  # after a restart: how many of ``tokens`` the new generator decodes again
 
 
@@ -344,11 +344,15 @@ class BatchLoop:
                 if not self._waiting and not self._active:
                     self._take([self._inbox.get()])  # idle: sleep until a command, then start at once
                 self._take(self._drain())
+                self._drop_finished()
                 while self._waiting and self._gathered():
                     young = self._young_batch()
                     ready = self._next_batch(young) if young is not None else []
+                    if young is not None and not self._worth_restarting(young, ready):
+                        # Back where they were (tickets are in submission order): not worth a restart.
+                        self._waiting = sorted(ready + self._waiting, key=lambda item: item.ticket)
+                        ready, young = [], None
                     if not ready:
-                        young = None
                         if len(self._active) >= self.max_generators:
                             break
                         ready = self._next_batch()
@@ -377,11 +381,26 @@ class BatchLoop:
                 _deliver(sink, Failed(self._broken))
             raise
 
+    def _drop_finished(self) -> None:
+        """Batches whose every row has ended (cancelled, say) leave at once: they hold a generator's
+        place and KV cache, and under time sharing their next step may be a while away."""
+        for batch in [b for b in self._active if all(row.finished for row in b.rows)]:
+            self._active.remove(batch)
+            batch.generator = None
+
+    def _worth_restarting(self, young: _Batch, ready: list[Submit]) -> bool:
+        """A restart pays when at least MERGE_JOINING requests join and the restarted prompt is no
+        longer than theirs (it is prefilled again, and the joiners are padded to the longest)."""
+        return len(ready) >= MERGE_JOINING and len(young.rows[0].request.ids) <= max(
+            len(item.request.ids) for item in ready
+        )
+
     def _gathered(self) -> bool:
         """Whether to start a batch of what waits now. An idle loop starts at once; while batches run,
         a new one waits until its first request is GATHER_S old (or a batch is full), so that clients
         sending together (within milliseconds, each over its own connection) share one batch rather
-        than each becoming a generator of its own: every running generator costs every round a step."""
+        than each becoming a generator of its own: every running generator takes its share of the
+        worker's time."""
         if not self._active or len(self._waiting) >= self.max_batch_size:
             return True
         return time.monotonic() - self._waiting[0].at >= GATHER_S
@@ -470,15 +489,11 @@ class BatchLoop:
         return batch
 
     def _start(self, batch: list[Submit], young: _Batch | None = None) -> None:
-        """Start ``batch`` as a generator; with ``young``, restart that batch's row in it too."""
+        """Start ``batch`` as a generator; with ``young``, restart that batch's row in it too (the
+        young batch goes on as it was if the new generator cannot start)."""
         rows = [_Row(item.ticket, item.request, item.sink, self.tokenizer.create_stream()) for item in batch]
         if young is not None:
-            self._active.remove(young)
-            young.generator = None  # its KV cache goes with it
-            for row in young.rows:
-                row.replay = len(row.tokens)
             rows = young.rows + rows
-            self.merges += 1
         longest = max(len(row.request.ids) for row in rows)
         self.batches += 1
         self.last_batch = tuple(row.ticket for row in rows)
@@ -501,7 +516,16 @@ class BatchLoop:
                                                 first.seed, first.guidance)  # fmt: skip
             running.debt = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - fail this batch, keep the thread serving
+            if young is not None:  # the young batch's own generator is intact: it goes on alone
+                running.rows = rows[len(young.rows) :]
             self._fail(running, e)
+            return
+        if young is not None:
+            self._active.remove(young)
+            young.generator = None  # its KV cache goes with it
+            for row in young.rows:
+                row.replay = len(row.tokens)
+            self.merges += 1
 
     def _step(self, batch: _Batch) -> None:
         """One token for every row of ``batch``; the batch leaves the running ones when it is done."""
@@ -567,7 +591,8 @@ class BatchLoop:
 
     def _token(self, row: _Row, token: int) -> None:
         row.generated += 1
-        row.tokens.append(token)
+        if row.generated <= MERGE_TOKENS:  # all a restart may decode again
+            row.tokens.append(token)
         if token in self.eos:
             self._end(row, Done("stop", len(row.request.ids), row.generated))
             return

@@ -12,7 +12,8 @@ The rules, each respecting the noise of a finite question set (phi3mlflow/evalua
   divergence from the reference (ONNX candidates of the reference's own model).
 - Among the challengers that meet the goals, those whose selected quality metric is not
   significantly below the best one's are tied, and a tie goes to the lowest time per question
-  measured in this run. Speed metrics (no per-question pairing) rank by value.
+  measured in this run, except that the champion, when it is one of them, keeps it unless another
+  is faster by more than ``TIE_MARGIN``. Speed metrics (no per-question pairing) rank by value.
 - The alias moves when the winner is significantly better than the champion, or tied with it and
   faster by more than ``TIE_MARGIN`` in this run; otherwise it stays.
 """
@@ -177,7 +178,7 @@ def build(
     # The alias's holder asked as a candidate of its own is no challenger (it is what they challenge);
     # when it is one of the candidates (the same logged model), it challenges like the others.
     challengers = [c for c in candidates if c.key != CHAMPION]
-    ranked, tied = _rank(challengers, metric, scores)
+    ranked, tied = _rank(challengers, metric, scores, incumbent=champion)
     rest = sorted((c for c in candidates if c not in challengers), key=lambda c: _sort_key(c, metric))
     for i, c in enumerate([*ranked, *rest], start=1):
         c.rank = i
@@ -209,11 +210,14 @@ def _sort_key(c: Candidate, metric: str) -> tuple[float, float]:
     return (-sign * c[metric], c.ms_per_question)
 
 
-def _rank(candidates: list[Candidate], metric: str,
-          scores: dict[str, dict[str, list[float]]]) -> tuple[list[Candidate], list[str]]:  # fmt: skip
+def _rank(candidates: list[Candidate], metric: str, scores: dict[str, dict[str, list[float]]],
+          incumbent: str | None = None) -> tuple[list[Candidate], list[str]]:  # fmt: skip
     """Best first, and the keys of the best's tie group. On a per-question metric, the candidates
     (among those that meet the goals) not significantly below the best are tied with it and ordered
-    by time per question; the others follow by value. A speed metric ranks by value."""
+    by time per question, except that the ``incumbent`` (the champion, when it is one of them) stays
+    first unless another is faster by more than TIE_MARGIN: a tie decided by timing noise would
+    register another version at every identical rerun. The others follow by value. A speed metric
+    ranks by value."""
     by_value = sorted(candidates, key=lambda c: _sort_key(c, metric))
     if metric not in PAIRED_METRICS:
         return by_value, []
@@ -221,6 +225,10 @@ def _rank(candidates: list[Candidate], metric: str,
     top = eligible[0]
     tied = [c for c in eligible if c is top or not paired(scores[c.key][metric], scores[top.key][metric]).worse]
     tied.sort(key=lambda c: c.ms_per_question)
+    held = next((c for c in tied if c.key == incumbent), None)
+    if held is not None and tied[0] is not held and tied[0].ms_per_question >= held.ms_per_question * (1 - TIE_MARGIN):
+        tied.remove(held)
+        tied.insert(0, held)
     return tied + [c for c in by_value if c not in tied], [c.key for c in tied] if len(tied) > 1 else []
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -35,6 +36,8 @@ class ScriptedOg:
         self.die_at: int | None = None
         self.step_s = 0.0
         self.prefill_s = 0.0
+        self.appended = 0  # prompts appended so far (generators started)
+        self.refuse_batches = False  # a generator of more than one row fails to start
         self.searches: list[dict] = []
         og = self
 
@@ -43,6 +46,8 @@ class ScriptedOg:
                 self.search: dict = {}
 
             def set_search_options(self, **search):
+                if og.refuse_batches and search["batch_size"] > 1:
+                    raise RuntimeError("scripted: no room for this batch")
                 self.search = search
                 og.searches.append(search)
 
@@ -58,6 +63,7 @@ class ScriptedOg:
                     threading.Event().wait(og.prefill_s)
                 self.rows = [SCRIPTS[int(row[0])] for row in np.asarray(ids)]
                 self.prompt = np.asarray(ids).shape[1]
+                og.appended += 1
 
             def is_done(self):
                 return self.prompt + self.step >= self.params.search["max_length"]
@@ -249,8 +255,7 @@ def test_a_request_past_merge_tokens_is_not_restarted_and_a_burst_starts_beside_
     while long_box.qsize() <= MERGE_TOKENS:
         threading.Event().wait(0.001)
     burst = [queue.SimpleQueue() for _ in range(2)]
-    for box in burst:
-        loop.submit(request(11), box.put)
+    loop.submit_many([(request(11), box.put) for box in burst])
     assert [text(drain(box)) for box in burst] == ["Rome."] * 2
     assert text(drain(long_box)) == " x" * 60
     assert loop.merges == 0 and loop.batches == 2 and len(loop.last_batch) == 2
@@ -263,7 +268,7 @@ def test_a_restarted_row_whose_tokens_would_differ_fails_alone_and_its_mates_go_
     try:
         first: queue.SimpleQueue = queue.SimpleQueue()
         loop.submit(request(14), first.put)
-        while loop.batches == 0:
+        while og.appended == 0:  # its generator has read the script
             threading.Event().wait(0.001)
         SCRIPTS[14] = [7, 8, EOS]  # what the restarted generator decodes for it: not what it sent
         mates = [queue.SimpleQueue() for _ in range(2)]
@@ -277,6 +282,72 @@ def test_a_restarted_row_whose_tokens_would_differ_fails_alone_and_its_mates_go_
     assert text(events) == "Mad" and isinstance(events[-1], Failed) and "diverged" in events[-1].message
     assert [text(drain(mate)) for mate in mates] == ["Rome."] * 2
     assert loop.merges == 1
+
+
+def test_a_restart_whose_batch_cannot_start_leaves_the_young_request_decoding():
+    loop, og = make()
+    og.gate = threading.Event()
+    og.refuse_batches = True
+    first: queue.SimpleQueue = queue.SimpleQueue()
+    loop.submit(request(10), first.put)
+    while og.appended == 0:
+        threading.Event().wait(0.001)
+    mates = [queue.SimpleQueue() for _ in range(2)]
+    loop.submit_many([(request(11), box.put) for box in mates])
+    threading.Event().wait(0.05)
+    og.gate.set()
+    # The batch of three failed to start: its newcomers are told; the first request goes on alone.
+    assert all(isinstance(collect(box)[-1], Failed) for box in mates)
+    assert text(drain(first)) == "Madrid. Next" and loop.merges == 0
+
+
+def test_no_restart_for_one_joiner_that_fits_nor_for_a_prompt_longer_than_the_joiners():
+    # The KV budget holds two rows of 3 + 20 tokens: of two joiners only one fits beside the first.
+    loop, og = make(kv_bytes_per_token=1, max_batch_kv_bytes=46)
+    og.gate = threading.Event()
+    first: queue.SimpleQueue = queue.SimpleQueue()
+    loop.submit(request(10), first.put)
+    while og.appended == 0:
+        threading.Event().wait(0.001)
+    mates = [queue.SimpleQueue() for _ in range(2)]
+    loop.submit_many([(request(11), box.put) for box in mates])
+    threading.Event().wait(0.05)
+    og.gate.set()
+    assert text(drain(first)) == "Madrid. Next"
+    assert [text(drain(box)) for box in mates] == ["Rome."] * 2
+    assert loop.merges == 0
+    # A lone request with a longer prompt than the burst's is not prefilled again for it.
+    loop, og = make()
+    og.gate = threading.Event()
+    long_prompt = GenerationRequest([10, *range(50, 80)], 20)
+    loop.submit(long_prompt, first.put)
+    while og.appended == 0:
+        threading.Event().wait(0.001)
+    loop.submit_many([(request(11), box.put) for box in mates])
+    threading.Event().wait(0.05)
+    og.gate.set()
+    assert text(drain(first)) == "Madrid. Next" and loop.merges == 0
+    assert [text(drain(box)) for box in mates] == ["Rome."] * 2
+
+
+def test_a_cancelled_batch_leaves_at_once_though_its_turn_is_far():
+    loop, og = make(max_generators=2)
+    og.step_s = 0.001
+    long_box: queue.SimpleQueue = queue.SimpleQueue()
+    loop.submit(request(12, max_tokens=250), long_box.put)
+    while long_box.qsize() < 5:
+        threading.Event().wait(0.001)
+    og.prefill_s = 1.0  # owed after its first token: the long answer's next second is its own
+    late_box: queue.SimpleQueue = queue.SimpleQueue()
+    ticket = loop.submit(request(12, max_tokens=250), late_box.put)
+    assert isinstance(late_box.get(timeout=10), Delta)
+    og.prefill_s = 0.0
+    loop.cancel(ticket)
+    deadline = time.monotonic() + 0.5
+    while len(loop._active) > 1 and time.monotonic() < deadline:
+        threading.Event().wait(0.001)
+    assert len(loop._active) == 1  # not held until its turn a second away
+    drain(long_box)
 
 
 def test_a_newcomer_s_prefill_counts_against_it_after_its_first_token():

@@ -105,6 +105,19 @@ def test_the_champion_as_one_of_the_candidates_stays_when_it_wins_again():
     assert s.winner == "onnx_int4" and not s.alias_should_move and "is version 5 itself" in s.alias_reason
 
 
+def test_a_tie_within_the_timing_noise_stays_with_the_champion_among_the_candidates():
+    # An identical rerun: the champion (onnx_int4, one of the candidates) and onnx_int8 tie on the same
+    # answers, and int8 is 10 % faster this time: timing noise, so int4 stays first, and register
+    # finds nothing new to register. 30 % faster is beyond the noise: int8 wins the tie.
+    models = {"chat": (right(60), 300.0), "onnx_int4": (right(60), 10.0), "onnx_int8": (right(60), 9.0)}
+    s = decide(models, champion="onnx_int4", version="5")
+    assert s.winner == "onnx_int4" and s.tied == ["onnx_int8", "chat"] and "is version 5 itself" in s.alias_reason
+    fast = decide(dict(models, onnx_int8=(right(60), 7.0)), champion="onnx_int4", version="5")
+    assert fast.winner == "onnx_int8" and fast.alias_should_move
+    # Without a champion among them, the tie goes to the fastest, as before.
+    assert decide(models).winner == "onnx_int8"
+
+
 def test_an_unloadable_champion_is_said_and_replaced():
     s = decide({"chat": (right(60), 300.0), "onnx_int4": (right(60), 10.0)}, version="5",
                error="@champion (version 5) cannot be loaded: no such file")  # fmt: skip

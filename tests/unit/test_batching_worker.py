@@ -284,18 +284,26 @@ def test_a_restarted_row_whose_tokens_would_differ_fails_alone_and_its_mates_go_
     assert loop.merges == 1
 
 
-def test_a_restart_whose_batch_cannot_start_leaves_the_young_request_decoding():
-    loop, og = make()
+def lone_then_burst(loop: BatchLoop, og: ScriptedOg, lone: GenerationRequest, box: queue.SimpleQueue,
+                    burst: int = 2) -> list[queue.SimpleQueue]:  # fmt: skip
+    """``lone`` starts alone and waits at its first step; ``burst`` requests for "Rome." arrive
+    together and are older than GATHER_S when the gate opens. Returns the burst's boxes."""
     og.gate = threading.Event()
-    og.refuse_batches = True
-    first: queue.SimpleQueue = queue.SimpleQueue()
-    loop.submit(request(10), first.put)
+    loop.submit(lone, box.put)
     while og.appended == 0:
         threading.Event().wait(0.001)
-    mates = [queue.SimpleQueue() for _ in range(2)]
-    loop.submit_many([(request(11), box.put) for box in mates])
+    mates = [queue.SimpleQueue() for _ in range(burst)]
+    loop.submit_many([(request(11), mate.put) for mate in mates])
     threading.Event().wait(0.05)
     og.gate.set()
+    return mates
+
+
+def test_a_restart_whose_batch_cannot_start_leaves_the_young_request_decoding():
+    loop, og = make()
+    og.refuse_batches = True
+    first: queue.SimpleQueue = queue.SimpleQueue()
+    mates = lone_then_burst(loop, og, request(10), first)
     # The batch of three failed to start: its newcomers are told; the first request goes on alone.
     assert all(isinstance(collect(box)[-1], Failed) for box in mates)
     assert text(drain(first)) == "Madrid. Next" and loop.merges == 0
@@ -304,28 +312,14 @@ def test_a_restart_whose_batch_cannot_start_leaves_the_young_request_decoding():
 def test_no_restart_for_one_joiner_that_fits_nor_for_a_prompt_longer_than_the_joiners():
     # The KV budget holds two rows of 3 + 20 tokens: of two joiners only one fits beside the first.
     loop, og = make(kv_bytes_per_token=1, max_batch_kv_bytes=46)
-    og.gate = threading.Event()
     first: queue.SimpleQueue = queue.SimpleQueue()
-    loop.submit(request(10), first.put)
-    while og.appended == 0:
-        threading.Event().wait(0.001)
-    mates = [queue.SimpleQueue() for _ in range(2)]
-    loop.submit_many([(request(11), box.put) for box in mates])
-    threading.Event().wait(0.05)
-    og.gate.set()
+    mates = lone_then_burst(loop, og, request(10), first)
     assert text(drain(first)) == "Madrid. Next"
     assert [text(drain(box)) for box in mates] == ["Rome."] * 2
     assert loop.merges == 0
     # A lone request with a longer prompt than the burst's is not prefilled again for it.
     loop, og = make()
-    og.gate = threading.Event()
-    long_prompt = GenerationRequest([10, *range(50, 80)], 20)
-    loop.submit(long_prompt, first.put)
-    while og.appended == 0:
-        threading.Event().wait(0.001)
-    loop.submit_many([(request(11), box.put) for box in mates])
-    threading.Event().wait(0.05)
-    og.gate.set()
+    mates = lone_then_burst(loop, og, GenerationRequest([10, *range(50, 80)], 20), first)
     assert text(drain(first)) == "Madrid. Next" and loop.merges == 0
     assert [text(drain(box)) for box in mates] == ["Rome."] * 2
 

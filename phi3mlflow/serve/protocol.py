@@ -38,8 +38,13 @@ def check_text(value: str, field: str) -> None:
     surrogate (no UTF-8 encoding exists for it)."""
     if "\x00" in value:
         raise InvalidRequest(field, "contains a NUL character")
-    if any("\ud800" <= ch <= "\udfff" for ch in value):
-        raise InvalidRequest(field, "contains a lone surrogate (not valid Unicode text)")
+    # In C, not character by character in Python: that took ~65 ms of the GIL for a 900 kB message,
+    # and every other client's request waited behind it.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(field, "contains a lone surrogate (not valid Unicode text)") from None
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,13 @@ REAL_TARGETS = {
     "serve_late_arrival_ttft": ("<=", 3.0),
 }
 # structured_output_cost: tokens/s of a JSON-schema-constrained answer / unconstrained.
-REAL_REPORTED = ("real_noise_floor_int4", "structured_output_cost")
+# hostile_junk_slowdown, competing_client_slowdown: hostile_request_slowdown's two halves (bench/hostile.py).
+REAL_REPORTED = (
+    "real_noise_floor_int4",
+    "structured_output_cost",
+    "hostile_junk_slowdown",
+    "competing_client_slowdown",
+)
 # Figures with no target: the A/A control that says how much of a ratio is the machine's noise, and
 # the least a re-run under `mlflow run` can cost whatever a project does.
 # tracing_cost: an evaluation request with its trace over the same request untraced.
@@ -149,6 +155,8 @@ def main(args) -> dict:
             # Each side is a whole evaluation (minutes on the real model): 3 pairs at most.
             ("evidence_cost", lambda: fig.evidence_cost(setup, min(args.pairs, 3))),
             ("hostile_request_slowdown", lambda: hostile.hostile_request_slowdown(setup, args.pairs)),
+            ("hostile_junk_slowdown", lambda: hostile.hostile_junk_slowdown(setup, args.pairs)),
+            ("competing_client_slowdown", lambda: hostile.competing_client_slowdown(setup, args.pairs)),
             ("serve_late_arrival_ttft", lambda: generation.serve_late_arrival_ttft(setup, args.pairs)),
             ("structured_output_cost", lambda: generation.structured_output_cost(setup, args.pairs)),
         )

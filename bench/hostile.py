@@ -9,6 +9,12 @@ characters) and an 8-token answer, a body over the limit (read, dropped, and a 4
 nested 100,000 deep; and it holds 200 connections that send half their headers and stop. Target
 (issue #29): A / B ≤ 2.0 on the int4 ONNX model. The request that is merely long (thousands of
 tokens) is not in the mix: it is ordinary work, whose wait is the batching loop's (issue #27).
+
+Two reported figures take the attack apart, measured the same way: ``hostile_junk_slowdown``, the
+refused bodies and the half-open connections alone (what the hostility costs: nothing of it
+reaches the model), and ``competing_client_slowdown``, an ordinary client asking back to back the
+stop-string request's question without stop strings (what any second client keeping a request in
+flight costs: the worker's time shared evenly, bench/README.md).
 """
 
 from __future__ import annotations
@@ -48,28 +54,37 @@ def _post(port: int, body: bytes, timeout: float = 120) -> int:
 
 
 def _hostile_bodies(s: Setup) -> list[bytes]:
-    user = [{"role": "user", "content": s.prompt}]
+    message, big, nested = _refused_bodies()
+    return [message, _ordinary_body(s, stop=[("z" * 255) + str(i) for i in range(4)]), big, nested]
+
+
+def _refused_bodies() -> list[bytes]:
+    """A message beyond the context (400), a body over the limit (413), JSON nested too deep (400)."""
     return [
         json.dumps({"messages": [{"role": "user", "content": "x " * 450_000}]}).encode(),
-        json.dumps(
-            {"messages": user, "max_tokens": HOSTILE_TOKENS, "stop": [("z" * 255) + str(i) for i in range(4)]}
-        ).encode(),  # fmt: skip
         json.dumps({"messages": [{"role": "user", "content": "y" * 1_100_000}]}).encode(),
         b"[" * 100_000,
     ]
 
 
+def _ordinary_body(s: Setup, stop: list[str] | None = None) -> bytes:
+    body: dict = {"messages": [{"role": "user", "content": s.prompt}], "max_tokens": HOSTILE_TOKENS}
+    if stop:
+        body["stop"] = stop
+    return json.dumps(body).encode()
+
+
 class _Hostile:
     """The hostile client: a thread sending the bodies in turn, and the half-open connections."""
 
-    def __init__(self, port: int, bodies: list[bytes]):
-        self.port, self.bodies = port, bodies
+    def __init__(self, port: int, bodies: list[bytes], slow_connections: int = SLOW_CONNECTIONS):
+        self.port, self.bodies, self.slow_connections = port, bodies, slow_connections
         self.stop = threading.Event()
         self.sent: dict[int, int] = {}
         self.sockets: list[socket.socket] = []
 
     def __enter__(self):
-        for _ in range(SLOW_CONNECTIONS):
+        for _ in range(self.slow_connections):
             try:
                 sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
                 sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
@@ -100,6 +115,22 @@ class _Hostile:
 
 def hostile_request_slowdown(s: Setup, pairs: int) -> dict:
     """Latency of a normal request with the hostile client at work (A) over alone (B), per pair."""
+    return _slowdown(s, pairs, _hostile_bodies(s), SLOW_CONNECTIONS)
+
+
+def hostile_junk_slowdown(s: Setup, pairs: int) -> dict:
+    """As hostile_request_slowdown, the client sending only what the server refuses (and holding the
+    half-open connections)."""
+    return _slowdown(s, pairs, _refused_bodies(), SLOW_CONNECTIONS)
+
+
+def competing_client_slowdown(s: Setup, pairs: int) -> dict:
+    """As hostile_request_slowdown, the client asking the stop-string request's question back to
+    back, without stop strings and nothing else: an ordinary second client."""
+    return _slowdown(s, pairs, [_ordinary_body(s)], 0)
+
+
+def _slowdown(s: Setup, pairs: int, bodies: list[bytes], slow_connections: int) -> dict:
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "phi3mlflow.serve", s.uris["int4"], "--port", str(port)], cwd=PROJECT_ROOT,
@@ -109,7 +140,6 @@ def hostile_request_slowdown(s: Setup, pairs: int) -> dict:
     statuses: dict[int, int] = {}
     try:
         _wait_until_up(f"http://127.0.0.1:{port}/health", server, "python -m phi3mlflow.serve")
-        bodies = _hostile_bodies(s)
 
         latencies: dict[str, list[float]] = {"a": [], "b": []}
 
@@ -121,7 +151,7 @@ def hostile_request_slowdown(s: Setup, pairs: int) -> dict:
             return latencies[side][-1]
 
         def attacked() -> float:
-            with _Hostile(port, bodies) as hostile:
+            with _Hostile(port, bodies, slow_connections) as hostile:
                 latency = timed("a")
             for code, n in hostile.sent.items():
                 statuses[code] = statuses.get(code, 0) + n
@@ -132,7 +162,7 @@ def hostile_request_slowdown(s: Setup, pairs: int) -> dict:
         # The normal request's own latencies (interleaved's side times include the untimed warm-up).
         out["a_median_s"], out["b_median_s"] = (statistics.median(latencies[k]) for k in "ab")
         out["hostile_answers"] = {str(k): v for k, v in sorted(statuses.items())}
-        out["slow_connections"] = SLOW_CONNECTIONS
+        out["slow_connections"] = slow_connections
         return out
     finally:
         with contextlib.suppress(ProcessLookupError):

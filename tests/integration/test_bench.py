@@ -76,3 +76,18 @@ def test_quick_benchmark_reports_every_figure(tmp_path, model_cache):
     assert set(report["ttft_s"]) == {"chat", "onnx_int4"} and all(v > 0 for v in report["ttft_s"].values())
     assert set(report["peak_rss_mb"]) == {"chat", "onnx_fp32", "onnx_int4"}
     assert all(v > 0 for v in report["peak_rss_mb"].values())
+
+
+def test_the_gil_probe_measures_both_calls_beside_a_counting_thread(model_cache):
+    # bench.gil_probe (bench/README.md, "The GIL and the server") runs end to end: both og calls made
+    # and the counter's rate beside each reported as a share of its rate alone.
+    code = (
+        "import json; from bench import gil_probe; print(json.dumps(gil_probe.main(['--model', 'builtin:tiny-phi3'])))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PHI3MLFLOW_CACHE": str(model_cache)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out) == {"prefill of 8 rows (append_tokens)", "decode step (generate_next_token)"}
+    for figures in out.values():
+        assert figures["calls_in_1s"] > 0 and 0 <= figures["counter_rate_beside_over_alone"] <= 1.5, out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -387,9 +388,10 @@ def test_running_batches_share_one_kv_budget():
     running: list[int] = []
     loop.on_batch = lambda size: running.append(len(loop._active) + 1)
     boxes = [queue.SimpleQueue() for _ in range(3)]
-    for box in boxes:
-        # Sampled: greedy ones that bunch up could restart the first as one batch (MERGE_TOKENS).
-        loop.submit(request(12, max_tokens=20, temperature=0.5), box.put)
+    for seed, box in enumerate(boxes):
+        # Seeded: each samples alone (one batch draws from one random stream), so none share a batch
+        # however the three bunch up on a loaded machine, and none restarts another (MERGE_TOKENS).
+        loop.submit(replace(request(12, max_tokens=20, temperature=0.5), seed=seed), box.put)
         threading.Event().wait(0.02)
     for box in boxes:
         events = collect(box)

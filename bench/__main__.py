@@ -57,7 +57,7 @@ REAL_TARGETS = {
     "serve_late_arrival_ttft": ("<=", 3.0),
 }
 # structured_output_cost: tokens/s of a JSON-schema-constrained answer / unconstrained.
-# hostile_junk_slowdown, competing_client_slowdown: hostile_request_slowdown's two halves (bench/hostile.py).
+# hostile_junk_slowdown, competing_client_slowdown: probes of hostile_request_slowdown's parts (bench/hostile.py).
 REAL_REPORTED = (
     "real_noise_floor_int4",
     "structured_output_cost",

@@ -3,14 +3,14 @@
 A = a normal request's latency (the setup's prompt, non-streaming, greedy, the setup's new tokens)
 while a hostile client is at work; B = the same request alone. The hostile client, in its own
 thread for the whole of side A, sends back to back what issue #29's adversarial pass found
-costly, each within the server's limits: a message of ~900 kB (parsed and tokenized, then refused
-as beyond the context), a request with 4 stop strings of the longest length allowed (256
+costly, each within the server's limits: a message of ~900 kB (parsed, then refused before it is
+tokenized: longer than the context can hold), a request with 4 stop strings of the longest length allowed (256
 characters) and an 8-token answer, a body over the limit (read, dropped, and a 413), and JSON
 nested 100,000 deep; and it holds 200 connections that send half their headers and stop. Target
 (issue #29): A / B ≤ 2.0 on the int4 ONNX model. The request that is merely long (thousands of
 tokens) is not in the mix: it is ordinary work, whose wait is the batching loop's (issue #27).
 
-Two reported figures take the attack apart, measured the same way: ``hostile_junk_slowdown``, the
+Two reported figures probe its parts, measured the same way: ``hostile_junk_slowdown``, the
 refused bodies and the half-open connections alone (what the hostility costs: nothing of it
 reaches the model), and ``competing_client_slowdown``, an ordinary client asking back to back the
 stop-string request's question without stop strings (what any second client keeping a request in

@@ -390,7 +390,7 @@ def test_running_batches_share_one_kv_budget():
     boxes = [queue.SimpleQueue() for _ in range(3)]
     for seed, box in enumerate(boxes):
         # Seeded: each samples alone (one batch draws from one random stream), so none share a batch
-        # however the three bunch up on a loaded machine, and none restarts another (MERGE_TOKENS).
+        # however the three bunch up on a loaded machine (and sampled ones never restart: MERGE_TOKENS).
         loop.submit(replace(request(12, max_tokens=20, temperature=0.5), seed=seed), box.put)
         threading.Event().wait(0.02)
     for box in boxes:

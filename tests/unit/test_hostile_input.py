@@ -26,6 +26,8 @@ USER = [{"role": "user", "content": "Hi"}]
     [
         ({"messages": [{"role": "system", "content": "Be\x00"}, *USER]}, "messages[0].content", "NUL"),
         ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content", "lone surrogate"),
+        # Past the ASCII fast path: a low surrogate after accented text.
+        ({"messages": [*USER, {"role": "user", "content": "café \udfff"}]}, "messages[1].content", "lone surrogate"),
         ({"messages": USER, "stop": ["x" * 257]}, "stop", "at most 256 characters"),
         ({"messages": USER, "stop": ["a\x00"]}, "stop", "NUL"),
         ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
@@ -35,6 +37,13 @@ def test_text_a_model_cannot_take_is_refused_naming_its_field(body, field, says)
     with pytest.raises(InvalidRequest) as e:
         protocol.parse(body)
     assert e.value.param == field and says in str(e.value)
+
+
+def test_text_beyond_ascii_without_lone_surrogates_is_taken():
+    # Accents, a character beyond the BMP (one code point in Python, a surrogate pair in JSON) and the
+    # code points around the surrogate range.
+    body = {"messages": [{"role": "user", "content": "café 😀 \ud7ff\ue000"}], "stop": ["é"]}
+    assert protocol.parse(body).messages[0]["content"] == "café 😀 \ud7ff\ue000"
 
 
 def test_a_stop_string_of_the_longest_allowed_length_still_matches_across_the_search_window():

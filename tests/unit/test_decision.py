@@ -87,7 +87,11 @@ def test_a_champion_within_the_noise_keeps_the_alias_unless_much_slower():
     assert s.alias_reason.startswith("tied with version 3: Δ accuracy +0.010, 95 % CI")
     slow = dict(models, champion=(right(60), 40.0))
     s = decide(slow, champion="champion", version="3")
-    assert s.alias_should_move and "faster by more than 25% in this run" in s.alias_reason
+    assert s.alias_should_move and "faster by more than 25% in this run and by more than 5 ms" in s.alias_reason
+    # A challenger 30 % faster by less than TIE_FLOOR_MS per question: the timer's grain, it stays.
+    tiny = decide({"chat": (right(60), 300.0), "onnx_int8": (right(61, 1), 1.4), "champion": (right(60), 2.0)},
+                  champion="champion", version="3")  # fmt: skip
+    assert not tiny.alias_should_move and "no speed gain beyond 25% and 5 ms per question" in tiny.alias_reason
 
 
 def test_a_champion_significantly_better_or_worse_decides():
@@ -109,11 +113,14 @@ def test_a_tie_within_the_timing_noise_stays_with_the_champion_among_the_candida
     # An identical rerun: the champion (onnx_int4, one of the candidates) and onnx_int8 tie on the same
     # answers, and int8 is 10 % faster this time: timing noise, so int4 stays first, and register
     # finds nothing new to register. 30 % faster is beyond the noise: int8 wins the tie.
-    models = {"chat": (right(60), 300.0), "onnx_int4": (right(60), 10.0), "onnx_int8": (right(60), 9.0)}
+    models = {"chat": (right(60), 300.0), "onnx_int4": (right(60), 100.0), "onnx_int8": (right(60), 90.0)}
     s = decide(models, champion="onnx_int4", version="5")
     assert s.winner == "onnx_int4" and s.tied == ["onnx_int8", "chat"] and "is version 5 itself" in s.alias_reason
-    fast = decide(dict(models, onnx_int8=(right(60), 7.0)), champion="onnx_int4", version="5")
+    fast = decide(dict(models, onnx_int8=(right(60), 70.0)), champion="onnx_int4", version="5")
     assert fast.winner == "onnx_int8" and fast.alias_should_move
+    # On the tiny model's times, 30 % is a millisecond: within the timer's grain (TIE_FLOOR_MS), int4 stays.
+    tiny = {"chat": (right(60), 300.0), "onnx_int4": (right(60), 2.0), "onnx_int8": (right(60), 1.4)}
+    assert decide(tiny, champion="onnx_int4", version="5").winner == "onnx_int4"
     # Without a champion among them, the tie goes to the fastest, as before.
     assert decide(models).winner == "onnx_int8"
 

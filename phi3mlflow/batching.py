@@ -59,6 +59,17 @@ GATHER_S = 0.02
 # waits for no one) then decodes as one batch instead of two generators stepped in turn.
 MERGE_TOKENS = 8
 MERGE_JOINING = 2
+# The prompt cache (BatchLoop's ``prompt_cache``, on in the server): how many finished lone greedy
+# generators are kept, their KV cache within the loop's KV budget, so that a later lone greedy
+# request sharing a prefix with one's tokens (a repeated system prompt, the next turn of a chat)
+# rewinds it to the shared prefix and appends only the rest, instead of a whole prefill.
+PROMPT_CACHE_SLOTS = 2
+# A cacheable generator's length is rounded up to a multiple of this, so that a later request of a
+# slightly longer prompt or answer still fits in it (its KV cache is allocated at that length).
+PROMPT_CACHE_BLOCK = 128
+# The fewest prompt tokens a cached generator appends: one token alone is computed by other kernels
+# than a prefill's, with other rounding (bench/README.md, the prompt cache).
+MIN_APPENDED = 2
 
 __all__ = ["BatchLoop", "Cancel", "Delta", "Done", "Failed", "GenerationRequest", "Overloaded", "Submit"]
 
@@ -89,6 +100,7 @@ class Done:
     finish_reason: str  # "stop" or "length" (OpenAI's), "cancelled" when the caller cancelled
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those the prompt cache had (not computed again)
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,7 @@ class _Row:
     finished: bool = False
     logprobs: list[dict] = field(default_factory=list)  # entries not yet delivered
     tokens: list[int] = field(default_factory=list)  # its first MERGE_TOKENS generated
+    cached: int = 0  # prompt tokens taken from the prompt cache, not computed again
     replay: int = 0  # after a restart: how many of ``tokens`` the new generator decodes again
 
 
@@ -186,6 +199,17 @@ class _Batch:
     kv_bytes: int  # the KV cache it may grow to
     used: float = 0.0  # seconds of the worker's time charged to it (its steps, then its prefill)
     debt: float = 0.0  # its prefill's seconds, charged after its first step
+    max_length: int = 0  # its generator's length (prompt and answer): a cached one takes what fits
+
+
+@dataclass(eq=False)  # compared by identity (list.remove)
+class _Cached:
+    """A finished lone greedy generator kept for the prompt cache, and its prompt's tokens."""
+
+    tokens: np.ndarray
+    generator: Any
+    max_length: int
+    kv_bytes: int
 
 
 class BatchLoop:
@@ -196,7 +220,7 @@ class BatchLoop:
 
     def __init__(self, og, model, tokenizer, eos: set[int], pad: int, context_length: int, max_batch_size: int,
                  kv_bytes_per_token: int = 0, max_batch_kv_bytes: int = 0, max_waiting: int = MAX_WAITING,
-                 max_generators: int = MAX_GENERATORS):  # fmt: skip
+                 max_generators: int = MAX_GENERATORS, prompt_cache: bool = False):  # fmt: skip
         self.og, self.model, self.tokenizer, self.eos, self.pad = og, model, tokenizer, eos, pad
         self.context_length, self.max_batch_size, self.max_waiting = context_length, max_batch_size, max_waiting
         self.kv_bytes_per_token, self.max_batch_kv_bytes = kv_bytes_per_token, max_batch_kv_bytes
@@ -212,6 +236,14 @@ class BatchLoop:
         self.batches = 0
         self.last_batch: tuple[int, ...] = ()
         self.merges = 0  # lone young requests restarted with a burst (MERGE_TOKENS)
+        # The prompt cache (PROMPT_CACHE_SLOTS); set before the first request. Its figures, in prompt
+        # tokens as vLLM counts its prefix cache's: looked up (every lone greedy request's) and found.
+        self.prompt_cache = prompt_cache
+        self.prompt_cache_queries = 0
+        self.prompt_cache_hits = 0
+        # Told (tokens looked up, tokens found) at each lookup (the server's /metrics); on the worker thread.
+        self.on_prompt_cache: Callable[[int, int], None] | None = None
+        self._cache: list[_Cached] = []
         # Told each batch's size as it starts (the server's /metrics); called on the worker thread.
         self.on_batch: Callable[[int], None] | None = None
         self._closing = False
@@ -340,6 +372,7 @@ class BatchLoop:
         try:
             while True:
                 if self._closing and not self._waiting and not self._active:
+                    self._cache.clear()  # the generators and their KV caches go with the model
                     return
                 if not self._waiting and not self._active:
                     self._take([self._inbox.get()])  # idle: sleep until a command, then start at once
@@ -385,8 +418,7 @@ class BatchLoop:
         """Batches whose every row has ended (cancelled, say) leave at once: they hold a generator's
         place and KV cache, and under time sharing their next step may be a while away."""
         for batch in [b for b in self._active if all(row.finished for row in b.rows)]:
-            self._active.remove(batch)
-            batch.generator = None
+            self._retire(batch)
 
     def _worth_restarting(self, young: _Batch, ready: list[Submit]) -> bool:
         """A restart pays when at least MERGE_JOINING requests join and the restarted prompt is no
@@ -490,7 +522,8 @@ class BatchLoop:
 
     def _start(self, batch: list[Submit], young: _Batch | None = None) -> None:
         """Start ``batch`` as a generator; with ``young``, restart that batch's row in it too (the
-        young batch goes on as it was if the new generator cannot start)."""
+        young batch goes on as it was if the new generator cannot start). A lone greedy request
+        takes a cached generator when one shares a prefix with it (``prompt_cache``)."""
         rows = [_Row(item.ticket, item.request, item.sink, self.tokenizer.create_stream()) for item in batch]
         if young is not None:
             rows = young.rows + rows
@@ -500,20 +533,28 @@ class BatchLoop:
         if self.on_batch is not None:
             self.on_batch(len(rows))
         most = max(r.request.max_tokens for r in rows)
+        max_length = min(self.context_length, longest + most)
+        cacheable = self._cacheable(rows)
+        if cacheable:  # room for a later request a little longer than this one, where the KV budget has it
+            rounded = min(self.context_length, -(-max_length // PROMPT_CACHE_BLOCK) * PROMPT_CACHE_BLOCK)
+            running_kv = sum(b.kv_bytes for b in self._active)
+            if not self.max_batch_kv_bytes or running_kv + rounded * self.kv_bytes_per_token <= self.max_batch_kv_bytes:
+                max_length = rounded
         running = _Batch(rows, None, any(row.request.logprobs is not None for row in rows),
-                         len(rows) * (longest + most) * self.kv_bytes_per_token)  # fmt: skip
+                         len(rows) * max_length * self.kv_bytes_per_token, max_length=max_length)  # fmt: skip
         self._active.append(running)
         try:
             ids = np.full((len(rows), longest), self.pad, dtype=np.int32)
             for i, row in enumerate(rows):
                 ids[i, : len(row.request.ids)] = row.request.ids
             first = rows[0].request
-            max_length = min(self.context_length, longest + most)
             # It joins at the least time any running batch has had: no credit for having waited.
             running.used = min((b.used for b in self._active if b is not running), default=0.0)
             start = time.perf_counter()
-            running.generator = start_generator(self.og, self.model, ids, max_length, first.temperature, first.top_p,
-                                                first.seed, first.guidance)  # fmt: skip
+            if not (cacheable and self._from_cache(running, ids[0])):
+                self._fit_cache(running.kv_bytes)
+                running.generator = start_generator(self.og, self.model, ids, max_length, first.temperature,
+                                                    first.top_p, first.seed, first.guidance)  # fmt: skip
             running.debt = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - fail this batch, keep the thread serving
             if young is not None:  # the young batch's own generator is intact: it goes on alone
@@ -526,6 +567,71 @@ class BatchLoop:
             for row in young.rows:
                 row.replay = len(row.tokens)
             self.merges += 1
+
+    # -- the prompt cache ------------------------------------------------------------------------
+
+    def _cacheable(self, rows: list[_Row]) -> bool:
+        """A lone greedy unconstrained request, with the prompt cache on: its generator may be
+        reused by a later one (sampling draws from a stream set when a generator starts, a
+        constraint's state cannot be rewound)."""
+        request = rows[0].request
+        return self.prompt_cache and len(rows) == 1 and request.temperature <= 0 and request.guidance is None
+
+    def _from_cache(self, running: _Batch, ids: np.ndarray) -> bool:
+        """Give ``running`` (one cacheable row) the cached generator that shares the longest prefix
+        with its prompt and has room for its answer: rewound to that prefix, the rest appended.
+        False when none does (or reusing it failed: it is dropped, and a fresh generator starts)."""
+        row = running.rows[0]
+        need = min(self.context_length, len(ids) + row.request.max_tokens)
+        best, common = None, 0
+        for entry in self._cache:
+            if entry.max_length < need:
+                continue
+            # Only its prompt's positions (computed in a prefill), and at least two tokens appended:
+            # the KV cache and logits are then bit for bit a fresh prefill's, so no answer changes.
+            # (Measured on SmolLM2 int4: a one-token append, or an answer's positions, computed one
+            # token at a time, differ in the last bits and flip a greedy token now and then.)
+            n = min(len(entry.tokens), len(ids) - MIN_APPENDED)
+            differ = np.flatnonzero(entry.tokens[:n] != ids[:n])
+            shared = int(differ[0]) if differ.size else max(n, 0)
+            if shared > common:
+                best, common = entry, shared
+        if best is not None:
+            self._cache.remove(best)
+            try:
+                best.generator.rewind_to(common)
+                best.generator.append_tokens(ids[None, common:])
+                running.generator, running.kv_bytes, running.max_length = best.generator, best.kv_bytes, best.max_length
+                row.cached = common
+            except Exception:  # noqa: BLE001 - a generator that cannot be reused is dropped, not fatal
+                best.generator = None
+        self.prompt_cache_queries += len(ids)
+        self.prompt_cache_hits += row.cached
+        if self.on_prompt_cache is not None:
+            self.on_prompt_cache(len(ids), row.cached)
+        return row.cached > 0
+
+    def _retire(self, batch: _Batch) -> None:
+        """``batch`` has ended: it leaves the running ones, its generator kept in the prompt cache
+        when it may be reused (the least recently used one dropped beyond PROMPT_CACHE_SLOTS)."""
+        if batch in self._active:
+            self._active.remove(batch)
+        generator, batch.generator = batch.generator, None
+        if generator is None or not self._cacheable(batch.rows):
+            return
+        tokens = np.asarray(batch.rows[0].request.ids, dtype=np.int32)
+        self._cache.insert(0, _Cached(tokens, generator, batch.max_length, batch.kv_bytes))
+        del self._cache[PROMPT_CACHE_SLOTS:]
+        self._fit_cache(0)
+
+    def _fit_cache(self, more: int) -> None:
+        """Drop cached generators, least recently used first, until the running batches', the cache's
+        and ``more`` bytes of KV cache fit in max_batch_kv_bytes."""
+        if not self.max_batch_kv_bytes:
+            return
+        running = sum(b.kv_bytes for b in self._active if b.generator is not None)
+        while self._cache and running + more + sum(c.kv_bytes for c in self._cache) > self.max_batch_kv_bytes:
+            self._cache.pop()
 
     def _step(self, batch: _Batch) -> None:
         """One token for every row of ``batch``; the batch leaves the running ones when it is done."""
@@ -551,7 +657,7 @@ class BatchLoop:
         except Exception as e:  # noqa: BLE001 - fail this batch, keep the thread serving
             self._fail(batch, e)
         if batch in self._active:
-            self._active.remove(batch)
+            self._retire(batch)
 
     def _fail(self, batch: _Batch, e: Exception) -> None:
         for row in batch.rows:
@@ -625,6 +731,8 @@ class BatchLoop:
             _deliver(row.sink, self._delta(row, row.text[row.sent :]))  # what a possible stop string held back
             row.sent = len(row.text)
         row.finished = True
+        if isinstance(event, Done) and row.cached:
+            event = Done(event.finish_reason, event.prompt_tokens, event.completion_tokens, row.cached)
         self._finish(row.sink, event)
 
     def _finish(self, sink: Sink, event: Event) -> None:

@@ -375,7 +375,7 @@ async def _complete(watch: _Watch, first: Indexed, name: str, fingerprint: str |
     scores: list[list[dict]] = [[] for _ in range(n)]
     scored = False
     reasons: list[str | None] = [None] * n
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     indexed: Indexed | None = first
     try:
         while True:
@@ -393,11 +393,13 @@ async def _complete(watch: _Watch, first: Indexed, name: str, fingerprint: str |
                 reasons[i] = event.finish_reason
                 prompt_tokens = event.prompt_tokens
                 completion_tokens += event.completion_tokens
+                cached_tokens = event.cached_tokens if i == 0 else cached_tokens  # the prompt's, counted once
                 if all(r is not None for r in reasons):
                     answers = [("".join(p), r or "stop") for p, r in zip(parts, reasons, strict=True)]
                     return JSONResponse(protocol.completion(name, answers, None, prompt_tokens, completion_tokens,
                                                             fingerprint=fingerprint,
-                                                            logprobs=scores if scored else None))  # fmt: skip
+                                                            logprobs=scores if scored else None,
+                                                            cached_tokens=cached_tokens))  # fmt: skip
             indexed = await watch.next()
     finally:
         await watch.close()
@@ -416,7 +418,7 @@ async def _sse(first: Indexed, watch: _Watch, name: str, fingerprint: str | None
     try:
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        ended, prompt_tokens, completion_tokens = 0, 0, 0
+        ended, prompt_tokens, completion_tokens, cached_tokens = 0, 0, 0, 0
         indexed = first
         while True:
             i, event = indexed
@@ -431,10 +433,11 @@ async def _sse(first: Indexed, watch: _Watch, name: str, fingerprint: str | None
                 ended += 1
                 prompt_tokens = event.prompt_tokens
                 completion_tokens += event.completion_tokens
+                cached_tokens = event.cached_tokens if i == 0 else cached_tokens  # the prompt's, counted once
                 if ended == n:
                     if include_usage:  # as OpenAI sends it: a chunk of its own, no choices
                         yield data(protocol.usage_chunk(id, name, created, prompt_tokens, completion_tokens,
-                                                        fingerprint))  # fmt: skip
+                                                        fingerprint, cached_tokens))  # fmt: skip
                     break
             indexed = await anext(watch.events)
         yield "data: [DONE]\n\n"

@@ -40,10 +40,11 @@ class OnnxBackend:
 
     wrapper = "onnx"
 
-    def __init__(self, python_model):
+    def __init__(self, python_model, prompt_cache: bool = True):
         self.model = python_model
         self.context_length = python_model.chat.context_length
         self.batcher = python_model.chat.batcher  # started now, not on the first request
+        self.batcher.prompt_cache = prompt_cache  # before any request (phi3mlflow/batching.py)
 
     def prepare(self, body) -> Prepared:
         request = protocol.parse(body, self.context_length)
@@ -224,10 +225,11 @@ class PipelineBackend:
 Backend = OnnxBackend | PipelineBackend
 
 
-def backend_for(pyfunc_model) -> Backend:
+def backend_for(pyfunc_model, prompt_cache: bool = True) -> Backend:
+    """The backend for a loaded model; ``prompt_cache``: the ONNX model's (the transformers one has none)."""
     if "transformers" in pyfunc_model.metadata.flavors:
         return PipelineBackend(pyfunc_model)
     python_model = pyfunc_model.unwrap_python_model()
     if hasattr(python_model, "generation_request"):
-        return OnnxBackend(python_model)
+        return OnnxBackend(python_model, prompt_cache)
     raise InputError("model_uri", "not a model this project logs (neither the chat nor the ONNX wrapper)")

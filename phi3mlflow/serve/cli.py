@@ -57,6 +57,10 @@ def parser(prog: str = "python -m phi3mlflow.serve", description: str | None = N
                    help="an origin browsers may call from (repeatable; none by default)")  # fmt: skip
     p.add_argument("--metrics", type=true_false, nargs="?", const=True, default=True,
                    help="true/false: GET /metrics in Prometheus text format (default true)")  # fmt: skip
+    p.add_argument("--prompt-cache", "--prompt_cache", dest="prompt_cache", type=true_false, nargs="?", const=True,
+                   default=True, help="true/false: the ONNX model keeps the KV cache of recent prompts, so that a "
+                   "request repeating a prompt's start (a system prompt, a chat's earlier turns) computes only the "
+                   "rest; answers are unchanged (default true)")  # fmt: skip
     return p
 
 
@@ -138,7 +142,7 @@ def resolve(model_uri: str, model_name: str = "") -> ModelInfo:
                      (mv.tags or {}).get(tags.SOURCE_EVAL_RUN, ""))  # fmt: skip
 
 
-def load(info: ModelInfo, trace: bool = False) -> Served:
+def load(info: ModelInfo, trace: bool = False, prompt_cache: bool = True) -> Served:
     """The model ``info`` names, loaded (a registry URI by its version, so what is served is what
     ``info`` says), its backend and MLflow's scoring app for it."""
     import mlflow  # heavy: MLflow, imported with the model
@@ -151,10 +155,11 @@ def load(info: ModelInfo, trace: bool = False) -> Served:
         raise InputError("model_uri", f"cannot load {uri!r}: {_first_line(e)}") from None
     if trace:
         link_to_model(model)
-    return Served(info, backend_for(model), scoring_server.init(model))
+    return Served(info, backend_for(model, prompt_cache), scoring_server.init(model))
 
 
-def build_app(served: Served, trace: bool = False, options: Options | None = None, follow_interval: float = 0.0):
+def build_app(served: Served, trace: bool = False, options: Options | None = None, follow_interval: float = 0.0,
+              prompt_cache: bool = True):  # fmt: skip
     """The app around a loaded model: the OpenAI routes, MLflow's scoring app behind them, ``trace``
     (an MLflow trace per chat completion, linked to the model), and, for ``models:/<name>@<alias>``
     with ``follow_interval`` > 0, the follower that swaps to the alias's next holder."""
@@ -171,13 +176,13 @@ def build_app(served: Served, trace: bool = False, options: Options | None = Non
     if follow_interval > 0 and served.info.alias:
         shown = served.info.id
         follower = Follower(slot, follow_interval, lambda name, alias: resolve(f"models:/{name}@{alias}", shown),
-                            lambda info: load(info, trace))  # fmt: skip
+                            lambda info: load(info, trace, prompt_cache))  # fmt: skip
     return create_app(slot, served.info.id, trace=wrap, options=options or Options(), follower=follower)
 
 
 def serve(model_uri: str, host: str | None, port: int, model_name: str = "", trace: bool = False,
           header_timeout: float = HEADER_TIMEOUT_S, options: Options | None = None,
-          follow_interval: float = FOLLOW_INTERVAL_S) -> None:  # fmt: skip
+          follow_interval: float = FOLLOW_INTERVAL_S, prompt_cache: bool = True) -> None:  # fmt: skip
     import uvicorn  # heavy: the web server
 
     options = options or Options()
@@ -187,8 +192,8 @@ def serve(model_uri: str, host: str | None, port: int, model_name: str = "", tra
         trace = False
     if follow_interval > 0:
         map_large_allocations()  # so that a swapped-out version's memory goes back
-    served = load(resolve(model_uri, model_name), trace)
-    app = build_app(served, trace, options, follow_interval)
+    served = load(resolve(model_uri, model_name), trace, prompt_cache)
+    app = build_app(served, trace, options, follow_interval, prompt_cache)
     following = f", following @{served.info.alias} every {follow_interval:g} s" if app.state.follower else ""
     listen = host or LOOPBACK
     print(f"serving {model_uri} ({served.info.fingerprint}, {served.backend.wrapper} wrapper{following}) on "
@@ -206,7 +211,7 @@ def serve_args(args) -> None:
     options = Options(args.max_body_bytes, auth.api_key(args.api_key, args.api_key_file), tuple(args.cors_origin),
                       args.metrics)  # fmt: skip
     serve(args.model_uri, args.host, args.port, args.model_name, args.trace, args.header_timeout, options,
-          args.follow_interval)  # fmt: skip
+          args.follow_interval, args.prompt_cache)  # fmt: skip
 
 
 def main(argv=None, prog: str = "python -m phi3mlflow.serve", description: str | None = None) -> None:

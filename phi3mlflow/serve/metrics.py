@@ -45,6 +45,10 @@ class Metrics:
                              registry=r)  # fmt: skip
         self.waiting = Gauge("phi3mlflow:num_requests_waiting", "Generations waiting for their first event", v,
                              registry=r)  # fmt: skip
+        self.prefix_queries = Counter("phi3mlflow:prefix_cache_queries", "Prompt tokens looked up in the prompt "
+                                      "cache (the ONNX model's lone greedy requests)", v, registry=r)  # fmt: skip
+        self.prefix_hits = Counter("phi3mlflow:prefix_cache_hits", "Prompt tokens found in the prompt cache, not "
+                                   "computed again", v, registry=r)  # fmt: skip
         self.batch_size = Histogram("phi3mlflow:batch_size", "Requests decoded together in one batch", v,
                                     buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
         self.info = Gauge("phi3mlflow:model_info", "The served model (1 for the current one)",
@@ -60,10 +64,17 @@ class Metrics:
         self.info.labels(*_info_labels(info)).set(1)
 
     def observe_batches(self, backend, version: str) -> None:
-        """Batch sizes of the backend's batching loop, where it has one."""
+        """Batch sizes and prompt-cache lookups of the backend's batching loop, where it has one."""
         batcher = getattr(backend, "batcher", None)
         if batcher is not None:
             batcher.on_batch = self.batch_size.labels(version).observe
+            queries, hits = self.prefix_queries.labels(version), self.prefix_hits.labels(version)
+
+            def counted(looked_up: int, found: int) -> None:
+                queries.inc(looked_up)
+                hits.inc(found)
+
+            batcher.on_prompt_cache = counted
 
     async def observed(self, events: AsyncIterator[Event], version: str) -> AsyncIterator[Event]:
         """``events`` as they come, timed and counted."""

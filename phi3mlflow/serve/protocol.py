@@ -199,10 +199,11 @@ def new_id() -> str:
 
 def completion(model: str, content: str | list[tuple[str, str]], finish_reason: str | None, prompt_tokens: int,
                completion_tokens: int, id: str | None = None, fingerprint: str | None = None,
-               logprobs: list[list[dict]] | None = None) -> dict:  # fmt: skip
+               logprobs: list[list[dict]] | None = None, cached_tokens: int | None = None) -> dict:  # fmt: skip
     """A ``chat.completion``: ``content`` and ``finish_reason``, or a list of (content, finish
     reason), one per choice; ``fingerprint`` (the served model version, when the server knows it)
-    is OpenAI's ``system_fingerprint``."""
+    is OpenAI's ``system_fingerprint``; ``cached_tokens``, where given, OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens`` (prompt tokens the prompt cache had)."""
     answers = content if isinstance(content, list) else [(content, finish_reason or "stop")]
     return {
         "id": id or new_id(),
@@ -219,21 +220,24 @@ def completion(model: str, content: str | list[tuple[str, str]], finish_reason: 
             }
             for i, (text, reason) in enumerate(answers)
         ],  # fmt: skip
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    out: dict = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
+
+
 def usage_chunk(id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int,
-                fingerprint: str | None = None) -> dict:  # fmt: skip
+                fingerprint: str | None = None, cached_tokens: int | None = None) -> dict:  # fmt: skip
     """The stream's last chunk when ``stream_options.include_usage`` asks for it: no choices, the usage."""
     out = chunk(id, model, created, {}, fingerprint=fingerprint)
     out["choices"] = []
-    out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    out["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
     return out
 
 

@@ -98,6 +98,35 @@ def test_multi_turn_with_a_system_message_goes_through_the_chat_template(servers
 
 
 @pytest.mark.slow
+def test_a_prompt_start_seen_before_comes_from_the_prompt_cache_and_changes_no_answer(servers, int4_run):
+    import mlflow
+    from openai.types.chat import ChatCompletion
+
+    c = client(servers["onnx"])
+    system = {"role": "system", "content": "You answer questions about capitals, in one short sentence."}
+    asked = [[system, {"role": "user", "content": q}] for q in QUESTIONS[:4]]
+    c.chat.completions.create(model="m", messages=asked[0], max_tokens=16)
+    answers = []
+    for messages in asked[1:]:
+        raw = c.chat.completions.with_raw_response.create(model="m", messages=messages, max_tokens=16)
+        out = ChatCompletion.model_validate_json(raw.content)
+        details = out.usage.prompt_tokens_details if out.usage else None
+        # The system message's tokens and more came from the last request's generator; the last two
+        # at least were computed.
+        assert details and 10 < (details.cached_tokens or 0) <= out.usage.prompt_tokens - 2, out.usage
+        answers.append(out.choices[0].message.content)
+    with urllib.request.urlopen(f"{servers['onnx']}/metrics", timeout=30) as r:
+        hits = [line for line in r.read().decode().splitlines()
+                if line.startswith("phi3mlflow:prefix_cache_hits_total")]  # fmt: skip
+    assert hits and float(hits[0].split()[-1]) > 30
+    # The same questions in this process, whose loop has no prompt cache: the same answers, exactly.
+    model = mlflow.pyfunc.load_model(int4_run.run.data.tags["model_uri"])
+    alone = [model.predict({"messages": messages, "max_tokens": 16})[0]["choices"][0]["message"]["content"]
+             for messages in asked[1:]]  # fmt: skip
+    assert answers == alone
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["onnx", "chat"])
 def test_bad_requests_get_400_naming_the_field_and_the_server_keeps_serving(servers, wrapper):
     import openai

@@ -37,7 +37,10 @@ class ScriptedOg:
         self.die_at: int | None = None
         self.step_s = 0.0
         self.prefill_s = 0.0
-        self.appended = 0  # prompts appended so far (generators started)
+        self.appended = 0  # prompts appended so far (generators started, or reused from the prompt cache)
+        self.appended_tokens: list[int] = []  # how many tokens each append computed
+        self.rewinds: list[int] = []  # rewind_to's positions (the prompt cache)
+        self.refuse_rewind = False  # rewind_to fails
         self.refuse_batches = False  # a generator of more than one row fails to start
         self.searches: list[dict] = []
         og = self
@@ -62,9 +65,19 @@ class ScriptedOg:
             def append_tokens(self, ids):
                 if og.prefill_s:
                     threading.Event().wait(og.prefill_s)
-                self.rows = [SCRIPTS[int(row[0])] for row in np.asarray(ids)]
-                self.prompt = np.asarray(ids).shape[1]
+                ids = np.asarray(ids)
+                if self.rows is None:
+                    self.rows = [SCRIPTS[int(row[0])] for row in ids]
+                    self.prompt = 0
+                self.prompt += ids.shape[1]  # after a rewind: the kept prefix and these
                 og.appended += 1
+                og.appended_tokens.append(int(ids.shape[1]))
+
+            def rewind_to(self, n):
+                if og.refuse_rewind:
+                    raise RuntimeError("scripted: cannot rewind")
+                og.rewinds.append(n)
+                self.prompt, self.step = n, 0
 
             def is_done(self):
                 return self.prompt + self.step >= self.params.search["max_length"]

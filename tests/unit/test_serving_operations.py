@@ -312,3 +312,27 @@ def test_release_lets_the_model_behind_a_fallback_app_go():
     assert gone() is not None  # held: by the Served, and by FastAPI's caches
     release(served)
     assert gone() is None and served.backend is None and served.fallback is None
+
+
+def test_prompt_cache_hits_reach_usage_and_metrics():
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from tests.unit.test_batching_worker import make
+    from tests.unit.test_prompt_cache import SYSTEM, ask
+
+    backend = ScriptedBackend([Delta("Madrid"), Done("stop", 9, 1, cached_tokens=6)])
+    backend.batcher, _ = make(prompt_cache=True)  # the loop /metrics observes
+    slot, _, _ = slot_of(Served(V1, backend))
+    c = TestClient(app_module.create_app(slot))
+    out = ChatCompletion.model_validate_json(c.post("/v1/chat/completions", json={"messages": USER}).content)
+    assert out.usage and out.usage.prompt_tokens_details and out.usage.prompt_tokens_details.cached_tokens == 6
+    body = {"messages": USER, "stream": True, "stream_options": {"include_usage": True}}
+    lines = [line[6:] for line in c.post("/v1/chat/completions", json=body).text.splitlines()
+             if line.startswith("data: {")]  # fmt: skip
+    last = ChatCompletionChunk.model_validate_json(lines[-1])
+    assert last.usage and last.usage.prompt_tokens_details and last.usage.prompt_tokens_details.cached_tokens == 6
+    ask(backend.batcher, SYSTEM + [50, 51])
+    ask(backend.batcher, SYSTEM + [52, 53, 54])
+    text = c.get("/metrics").text
+    assert 'phi3mlflow:prefix_cache_queries_total{model_version="chat/1"} 17.0' in text
+    assert 'phi3mlflow:prefix_cache_hits_total{model_version="chat/1"} 6.0' in text

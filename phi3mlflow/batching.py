@@ -594,7 +594,9 @@ class BatchLoop:
             n = min(len(entry.tokens), len(ids) - MIN_APPENDED)
             differ = np.flatnonzero(entry.tokens[:n] != ids[:n])
             shared = int(differ[0]) if differ.size else max(n, 0)
-            if shared > common:
+            # The longest shared start; of equal ones, the shortest generator that fits, leaving a
+            # longer one to the request that needs it.
+            if shared > common or (best is not None and shared == common and entry.max_length < best.max_length):
                 best, common = entry, shared
         if best is not None:
             self._cache.remove(best)
@@ -620,6 +622,11 @@ class BatchLoop:
         if generator is None or not self._cacheable(batch.rows):
             return
         tokens = np.asarray(batch.rows[0].request.ids, dtype=np.int32)
+        # One it makes useless goes: a prompt it starts with, in a generator no longer than it. A
+        # client repeating one prompt so keeps one place, not every place (another client's stays).
+        self._cache = [c for c in self._cache if not (
+            c.max_length <= batch.max_length and len(c.tokens) <= len(tokens)
+            and np.array_equal(c.tokens, tokens[: len(c.tokens)]))]  # fmt: skip
         self._cache.insert(0, _Cached(tokens, generator, batch.max_length, batch.kv_bytes))
         del self._cache[PROMPT_CACHE_SLOTS:]
         self._fit_cache(0)

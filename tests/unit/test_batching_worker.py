@@ -40,6 +40,7 @@ class ScriptedOg:
         self.appended = 0  # prompts appended so far (generators started, or reused from the prompt cache)
         self.appended_tokens: list[int] = []  # how many tokens each append computed
         self.rewinds: list[int] = []  # rewind_to's positions (the prompt cache)
+        self.rewound_lengths: list[int] = []  # the max_length of each generator rewound
         self.refuse_rewind = False  # rewind_to fails
         self.refuse_batches = False  # a generator of more than one row fails to start
         self.searches: list[dict] = []
@@ -77,6 +78,7 @@ class ScriptedOg:
                 if og.refuse_rewind:
                     raise RuntimeError("scripted: cannot rewind")
                 og.rewinds.append(n)
+                og.rewound_lengths.append(self.params.search["max_length"])
                 self.prompt, self.step = n, 0
 
             def is_done(self):

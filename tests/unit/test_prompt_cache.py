@@ -129,3 +129,22 @@ def test_a_generator_that_cannot_be_rewound_is_dropped_and_the_request_served_fr
     og.refuse_rewind = True
     answer, done = ask(loop, SYSTEM + [52, 53])
     assert answer == "Rome." and done == Done("stop", 8, 4) and og.appended_tokens == [8, 8]
+
+
+def test_a_prompt_cached_again_in_a_longer_generator_replaces_its_shorter_one():
+    loop, og = cached_loop()
+    ask(loop, SYSTEM + [50, 51], max_tokens=4)
+    other = [10, 40, 41, 42]
+    ask(loop, other, max_tokens=4)  # a generator of 128
+    ask(loop, other, max_tokens=200)  # does not fit in it: a fresh one of 256, which replaces it
+    # So the first prompt's generator kept its place (PROMPT_CACHE_SLOTS = 2).
+    assert ask(loop, SYSTEM + [52, 53], max_tokens=4)[1].cached_tokens == 6
+
+
+def test_of_equal_shared_starts_the_shortest_generator_that_fits_is_taken():
+    loop, og = cached_loop()
+    ask(loop, SYSTEM + [50, 51], max_tokens=4)  # 128
+    ask(loop, SYSTEM + [60, 61], max_tokens=200)  # does not fit in it: 256, the most recent
+    # Both share SYSTEM with the next one: it takes the 128, leaving the 256 to a long answer.
+    assert ask(loop, SYSTEM + [70, 71], max_tokens=4)[1].cached_tokens == 6
+    assert og.rewound_lengths == [128]

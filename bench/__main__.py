@@ -57,10 +57,12 @@ REAL_TARGETS = {
     "serve_late_arrival_ttft": ("<=", 3.0),
 }
 # structured_output_cost: tokens/s of a JSON-schema-constrained answer / unconstrained.
-# hostile_junk_slowdown, competing_client_slowdown: probes of hostile_request_slowdown's parts (bench/hostile.py).
+# hostile_uncached_slowdown, hostile_junk_slowdown, competing_client_slowdown: probes of
+# hostile_request_slowdown (bench/hostile.py).
 REAL_REPORTED = (
     "real_noise_floor_int4",
     "structured_output_cost",
+    "hostile_uncached_slowdown",
     "hostile_junk_slowdown",
     "competing_client_slowdown",
 )
@@ -155,6 +157,7 @@ def main(args) -> dict:
             # Each side is a whole evaluation (minutes on the real model): 3 pairs at most.
             ("evidence_cost", lambda: fig.evidence_cost(setup, min(args.pairs, 3))),
             ("hostile_request_slowdown", lambda: hostile.hostile_request_slowdown(setup, args.pairs)),
+            ("hostile_uncached_slowdown", lambda: hostile.hostile_uncached_slowdown(setup, args.pairs)),
             ("hostile_junk_slowdown", lambda: hostile.hostile_junk_slowdown(setup, args.pairs)),
             ("competing_client_slowdown", lambda: hostile.competing_client_slowdown(setup, args.pairs)),
             ("serve_late_arrival_ttft", lambda: generation.serve_late_arrival_ttft(setup, args.pairs)),

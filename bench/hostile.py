@@ -10,11 +10,14 @@ nested 100,000 deep; and it holds 200 connections that send half their headers a
 (issue #29): A / B ≤ 2.0 on the int4 ONNX model. The request that is merely long (thousands of
 tokens) is not in the mix: it is ordinary work, whose wait is the batching loop's (issue #27).
 
-Two reported figures probe its parts, measured the same way: ``hostile_junk_slowdown``, the
+Reported figures probe its parts, measured the same way: ``hostile_junk_slowdown``, the
 refused bodies and the half-open connections alone (what the hostility costs: nothing of it
 reaches the model), and ``competing_client_slowdown``, an ordinary client asking back to back the
 stop-string request's question without stop strings (what any second client keeping a request in
-flight costs: the worker's time shared evenly, bench/README.md).
+flight costs: the worker's time shared evenly, bench/README.md). The stop-string request asks the
+normal request's question, so the server's prompt cache serves both; ``hostile_uncached_slowdown``
+is the whole mix with a new number opening every stop-string request's message, so that its
+prompt is never cached and its generators compete for the cache's places.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 from bench.figures import PROJECT_ROOT, Setup, _chat_request, _wait_until_up, interleaved
 from tests.support import free_port
@@ -53,9 +57,17 @@ def _post(port: int, body: bytes, timeout: float = 120) -> int:
         return e.code
 
 
-def _hostile_bodies(s: Setup) -> list[bytes]:
+Body = bytes | Callable[[], bytes]  # a callable: a new body each time it is sent
+STOPS = [("z" * 255) + str(i) for i in range(4)]
+
+
+def _hostile_bodies(s: Setup, uncached: bool = False) -> list[Body]:
     message, big, nested = _refused_bodies()
-    return [message, _ordinary_body(s, stop=[("z" * 255) + str(i) for i in range(4)]), big, nested]
+    stopping: Body = _ordinary_body(s, stop=STOPS)
+    if uncached:
+        counter = iter(range(10**9))
+        stopping = lambda: _ordinary_body(s, stop=STOPS, opening=f"{next(counter)}. ")  # noqa: E731
+    return [message, stopping, big, nested]
 
 
 def _refused_bodies() -> list[bytes]:
@@ -67,8 +79,8 @@ def _refused_bodies() -> list[bytes]:
     ]
 
 
-def _ordinary_body(s: Setup, stop: list[str] | None = None) -> bytes:
-    body: dict = {"messages": [{"role": "user", "content": s.prompt}], "max_tokens": HOSTILE_TOKENS}
+def _ordinary_body(s: Setup, stop: list[str] | None = None, opening: str = "") -> bytes:
+    body: dict = {"messages": [{"role": "user", "content": opening + s.prompt}], "max_tokens": HOSTILE_TOKENS}
     if stop:
         body["stop"] = stop
     return json.dumps(body).encode()
@@ -77,7 +89,7 @@ def _ordinary_body(s: Setup, stop: list[str] | None = None) -> bytes:
 class _Hostile:
     """The hostile client: a thread sending the bodies in turn, and the half-open connections."""
 
-    def __init__(self, port: int, bodies: list[bytes], slow_connections: int = SLOW_CONNECTIONS):
+    def __init__(self, port: int, bodies: list[Body], slow_connections: int = SLOW_CONNECTIONS):
         self.port, self.bodies, self.slow_connections = port, bodies, slow_connections
         self.stop = threading.Event()
         self.sent: dict[int, int] = {}
@@ -99,8 +111,9 @@ class _Hostile:
     def _run(self) -> None:
         i = 0
         while not self.stop.is_set():
+            body = self.bodies[i % len(self.bodies)]
             try:
-                status = _post(self.port, self.bodies[i % len(self.bodies)])
+                status = _post(self.port, body() if callable(body) else body)
             except OSError:
                 status = 0
             self.sent[status] = self.sent.get(status, 0) + 1
@@ -118,6 +131,12 @@ def hostile_request_slowdown(s: Setup, pairs: int) -> dict:
     return _slowdown(s, pairs, _hostile_bodies(s), SLOW_CONNECTIONS)
 
 
+def hostile_uncached_slowdown(s: Setup, pairs: int) -> dict:
+    """As hostile_request_slowdown, every stop-string request opening with a new number: a prompt the
+    prompt cache never has."""
+    return _slowdown(s, pairs, _hostile_bodies(s, uncached=True), SLOW_CONNECTIONS)
+
+
 def hostile_junk_slowdown(s: Setup, pairs: int) -> dict:
     """As hostile_request_slowdown, the client sending only what the server refuses (and holding the
     half-open connections)."""
@@ -130,7 +149,7 @@ def competing_client_slowdown(s: Setup, pairs: int) -> dict:
     return _slowdown(s, pairs, [_ordinary_body(s)], 0)
 
 
-def _slowdown(s: Setup, pairs: int, bodies: list[bytes], slow_connections: int) -> dict:
+def _slowdown(s: Setup, pairs: int, bodies: list[Body], slow_connections: int) -> dict:
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "phi3mlflow.serve", s.uris["int4"], "--port", str(port)], cwd=PROJECT_ROOT,

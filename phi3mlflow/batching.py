@@ -63,7 +63,7 @@ MERGE_JOINING = 2
 # generators are kept, their KV cache within the loop's KV budget, so that a later lone greedy
 # request sharing a prefix with one's tokens (a repeated system prompt, the next turn of a chat)
 # rewinds it to the shared prefix and appends only the rest, instead of a whole prefill.
-PROMPT_CACHE_SLOTS = 2
+PROMPT_CACHE_SLOTS = 4
 # A cacheable generator's length is rounded up to a multiple of this, so that a later request of a
 # slightly longer prompt or answer still fits in it (its KV cache is allocated at that length).
 PROMPT_CACHE_BLOCK = 128
@@ -210,6 +210,7 @@ class _Cached:
     generator: Any
     max_length: int
     kv_bytes: int
+    proven: bool  # its request itself took half its prompt or more from the cache: its prompt comes back
 
 
 class BatchLoop:
@@ -615,7 +616,8 @@ class BatchLoop:
 
     def _retire(self, batch: _Batch) -> None:
         """``batch`` has ended: it leaves the running ones, its generator kept in the prompt cache
-        when it may be reused (the least recently used one dropped beyond PROMPT_CACHE_SLOTS)."""
+        when it may be reused (beyond PROMPT_CACHE_SLOTS, the least recently used one goes, of
+        those never reused if any)."""
         if batch in self._active:
             self._active.remove(batch)
         generator, batch.generator = batch.generator, None
@@ -627,8 +629,13 @@ class BatchLoop:
         self._cache = [c for c in self._cache if not (
             c.max_length <= batch.max_length and len(c.tokens) <= len(tokens)
             and np.array_equal(c.tokens, tokens[: len(c.tokens)]))]  # fmt: skip
-        self._cache.insert(0, _Cached(tokens, generator, batch.max_length, batch.kv_bytes))
-        del self._cache[PROMPT_CACHE_SLOTS:]
+        proven = 2 * batch.rows[0].cached >= len(tokens)  # more than a chat template's opening shared
+        self._cache.insert(0, _Cached(tokens, generator, batch.max_length, batch.kv_bytes, proven))
+        while len(self._cache) > PROMPT_CACHE_SLOTS:
+            # The least recently used of those never reused goes first: a client sending a new
+            # prompt each time does not push out a prompt that keeps coming back.
+            fresh = [c for c in self._cache if not c.proven]
+            self._cache.remove(fresh[-1] if fresh else self._cache[-1])
         self._fit_cache(0)
 
     def _fit_cache(self, more: int) -> None:

@@ -106,7 +106,7 @@ def test_a_cacheable_generator_gets_room_for_a_longer_follow_up():
 
 def test_the_least_recently_used_generator_goes_beyond_the_slots():
     loop, og = cached_loop()
-    firsts = [10, 11, 12, 13][: PROMPT_CACHE_SLOTS + 1]
+    firsts = [10, 11, 12, 13, 14, 15][: PROMPT_CACHE_SLOTS + 1]
     for first in firsts:
         ask(loop, [first, 40, 41, 42], max_tokens=4)
     assert ask(loop, [firsts[0], 40, 41, 43], max_tokens=4)[1].cached_tokens == 0  # dropped
@@ -136,8 +136,10 @@ def test_a_prompt_cached_again_in_a_longer_generator_replaces_its_shorter_one():
     ask(loop, SYSTEM + [50, 51], max_tokens=4)
     other = [10, 40, 41, 42]
     ask(loop, other, max_tokens=4)  # a generator of 128
+    for first in [12, 13, 14, 15][: PROMPT_CACHE_SLOTS - 2]:  # the cache is full
+        ask(loop, [first, 70, 71, 72], max_tokens=4)
     ask(loop, other, max_tokens=200)  # does not fit in it: a fresh one of 256, which replaces it
-    # So the first prompt's generator kept its place (PROMPT_CACHE_SLOTS = 2).
+    # So the first prompt's generator kept its place.
     assert ask(loop, SYSTEM + [52, 53], max_tokens=4)[1].cached_tokens == 6
 
 
@@ -148,3 +150,13 @@ def test_of_equal_shared_starts_the_shortest_generator_that_fits_is_taken():
     # Both share SYSTEM with the next one: it takes the 128, leaving the 256 to a long answer.
     assert ask(loop, SYSTEM + [70, 71], max_tokens=4)[1].cached_tokens == 6
     assert og.rewound_lengths == [128]
+
+
+def test_a_prompt_that_comes_back_outlasts_a_stream_of_new_ones():
+    loop, og = cached_loop()
+    ask(loop, SYSTEM + [50, 51], max_tokens=4)
+    assert ask(loop, SYSTEM + [52, 53], max_tokens=4)[1].cached_tokens == 6  # it came back: kept first
+    # Another client, a new prompt each time, more of them than the cache has places.
+    for first in (10, 12, 13, 14, 15)[: PROMPT_CACHE_SLOTS + 1]:
+        ask(loop, [first, 60, 61, 62, 63], max_tokens=4)
+    assert ask(loop, SYSTEM + [54, 55], max_tokens=4)[1].cached_tokens == 6

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExc
 EOS = 0
 # Token id -> text. A row's answer is the script of its prompt's first token.
 VOCAB = {1: "Mad", 2: "rid", 3: ".", 4: " N", 5: "ext", 6: " x", 7: "Ro", 8: "me"}
-SCRIPTS = {10: [1, 2, 3, 4, 5, EOS], 11: [7, 8, 3, EOS], 12: [6] * 50, 13: [7, 8, EOS], 14: [7, 8, EOS], 15: [1, 2, EOS]}
+SCRIPTS = {10: [1, 2, 3, 4, 5, EOS], 11: [7, 8, 3, EOS], 12: [6] * 50, 13: [7, 8, EOS], 14: [7, 8, EOS],
+           15: [1, 2, EOS]}  # fmt: skip
 
 
 class Died(BaseException):

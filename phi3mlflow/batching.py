@@ -70,6 +70,11 @@ PROMPT_CACHE_BLOCK = 128
 # The fewest prompt tokens a cached generator appends: one token alone is computed by other kernels
 # than a prefill's, with other rounding (bench/README.md, the prompt cache).
 MIN_APPENDED = 2
+# A request that took at least this share of a cached prompt proves that prompt comes back (the same
+# prompt again, a chat's next turn, a long system prompt shared): its own generator is kept over
+# those never proven, and a proven one is taken only by such a request, not for a chat template's
+# opening that every prompt shares.
+PROVEN_SHARE = 0.75
 
 __all__ = ["BatchLoop", "Cancel", "Delta", "Done", "Failed", "GenerationRequest", "Overloaded", "Submit"]
 
@@ -186,6 +191,7 @@ class _Row:
     logprobs: list[dict] = field(default_factory=list)  # entries not yet delivered
     tokens: list[int] = field(default_factory=list)  # its first MERGE_TOKENS generated
     cached: int = 0  # prompt tokens taken from the prompt cache, not computed again
+    took: int = 0  # how many the cached prompt it took them from could give (_reusable)
     replay: int = 0  # after a restart: how many of ``tokens`` the new generator decodes again
 
 
@@ -406,6 +412,7 @@ class BatchLoop:
         except BaseException as e:
             # Never leave a caller waiting on a dead thread: fail what is in flight, what is still in
             # the inbox, and (through _broken) every later submit.
+            self._cache.clear()
             with self._count_lock:
                 self._broken = f"the generation thread died: {e}"
             sinks = [item.sink for item in self._waiting]
@@ -538,9 +545,9 @@ class BatchLoop:
         cacheable = self._cacheable(rows)
         if cacheable:  # room for a later request a little longer than this one, where the KV budget has it
             rounded = min(self.context_length, -(-max_length // PROMPT_CACHE_BLOCK) * PROMPT_CACHE_BLOCK)
-            running_kv = sum(b.kv_bytes for b in self._active)
-            if not self.max_batch_kv_bytes or running_kv + rounded * self.kv_bytes_per_token <= self.max_batch_kv_bytes:
-                max_length = rounded
+            held = sum(b.kv_bytes for b in self._active) + sum(c.kv_bytes for c in self._cache)
+            if not self.max_batch_kv_bytes or held + rounded * self.kv_bytes_per_token <= self.max_batch_kv_bytes:
+                max_length = rounded  # not at the cost of a cached generator
         running = _Batch(rows, None, any(row.request.logprobs is not None for row in rows),
                          len(rows) * max_length * self.kv_bytes_per_token, max_length=max_length)  # fmt: skip
         self._active.append(running)
@@ -567,6 +574,7 @@ class BatchLoop:
             young.generator = None  # its KV cache goes with it
             for row in young.rows:
                 row.replay = len(row.tokens)
+                row.cached = row.took = 0  # its whole prompt is computed again
             self.merges += 1
 
     # -- the prompt cache ------------------------------------------------------------------------
@@ -593,8 +601,12 @@ class BatchLoop:
             # (Measured on SmolLM2 int4: a one-token append, or an answer's positions, computed one
             # token at a time, differ in the last bits and flip a greedy token now and then.)
             n = min(len(entry.tokens), len(ids) - MIN_APPENDED)
+            if n <= 0:
+                continue
             differ = np.flatnonzero(entry.tokens[:n] != ids[:n])
-            shared = int(differ[0]) if differ.size else max(n, 0)
+            shared = int(differ[0]) if differ.size else n
+            if entry.proven and shared < PROVEN_SHARE * _reusable(entry):
+                continue  # kept for the requests that continue it
             # The longest shared start; of equal ones, the shortest generator that fits, leaving a
             # longer one to the request that needs it.
             if shared > common or (best is not None and shared == common and entry.max_length < best.max_length):
@@ -605,7 +617,7 @@ class BatchLoop:
                 best.generator.rewind_to(common)
                 best.generator.append_tokens(ids[None, common:])
                 running.generator, running.kv_bytes, running.max_length = best.generator, best.kv_bytes, best.max_length
-                row.cached = common
+                row.cached, row.took = common, _reusable(best)
             except Exception:  # noqa: BLE001 - a generator that cannot be reused is dropped, not fatal
                 best.generator = None
         self.prompt_cache_queries += len(ids)
@@ -629,12 +641,14 @@ class BatchLoop:
         self._cache = [c for c in self._cache if not (
             c.max_length <= batch.max_length and len(c.tokens) <= len(tokens)
             and np.array_equal(c.tokens, tokens[: len(c.tokens)]))]  # fmt: skip
-        proven = 2 * batch.rows[0].cached >= len(tokens)  # more than a chat template's opening shared
+        row = batch.rows[0]
+        proven = row.took > 0 and row.cached >= PROVEN_SHARE * row.took
         self._cache.insert(0, _Cached(tokens, generator, batch.max_length, batch.kv_bytes, proven))
         while len(self._cache) > PROMPT_CACHE_SLOTS:
-            # The least recently used of those never reused goes first: a client sending a new
-            # prompt each time does not push out a prompt that keeps coming back.
-            fresh = [c for c in self._cache if not c.proven]
+            # The least recently used of the older ones never proven goes first (a client sending a
+            # new prompt each time does not push out a prompt that keeps coming back); when all are
+            # proven, the least recently used (the newest always gets in: a new chat's first turn).
+            fresh = [c for c in self._cache[1:] if not c.proven]
             self._cache.remove(fresh[-1] if fresh else self._cache[-1])
         self._fit_cache(0)
 
@@ -753,6 +767,11 @@ class BatchLoop:
         with self._count_lock:
             self._in_loop -= 1
         _deliver(sink, event)
+
+
+def _reusable(entry: _Cached) -> int:
+    """The most a request can take from ``entry``: the same prompt again still computes MIN_APPENDED."""
+    return max(len(entry.tokens) - MIN_APPENDED, 1)
 
 
 def _deliver(sink: Sink, event: Event) -> bool:

@@ -160,3 +160,45 @@ def test_a_prompt_that_comes_back_outlasts_a_stream_of_new_ones():
     for first in (10, 12, 13, 14, 15)[: PROMPT_CACHE_SLOTS + 1]:
         ask(loop, [first, 60, 61, 62, 63], max_tokens=4)
     assert ask(loop, SYSTEM + [54, 55], max_tokens=4)[1].cached_tokens == 6
+
+
+def test_a_proven_prompt_is_not_taken_for_a_shared_template_opening():
+    loop, og = cached_loop()
+    opening = [11, 40, 41]  # what a chat template puts before every conversation
+    conversation = opening + list(range(50, 58))
+    ask(loop, conversation)
+    assert ask(loop, conversation)[1].cached_tokens == len(conversation) - MIN_APPENDED  # it comes back
+    # Another client's prompt shares only the opening: it starts fresh and leaves that one be.
+    assert ask(loop, opening + [60, 61, 62, 63])[1].cached_tokens == 0
+    assert ask(loop, conversation)[1].cached_tokens == len(conversation) - MIN_APPENDED
+
+
+def test_a_new_conversation_gets_a_place_when_every_place_is_proven():
+    loop, og = cached_loop()
+    for first in (10, 12, 13, 14)[:PROMPT_CACHE_SLOTS]:
+        for _ in range(2):  # each comes back: proven
+            ask(loop, [first, 40, 41, 42, 43, 44], max_tokens=4)
+    new = [15, 40, 41, 42, 43]
+    ask(loop, new, max_tokens=4)  # in, in place of the least recently used proven one
+    assert ask(loop, new, max_tokens=4)[1].cached_tokens == len(new) - MIN_APPENDED
+    assert ask(loop, [14, 40, 41, 42, 43, 44], max_tokens=4)[1].cached_tokens == 4  # the newest proven stayed
+
+
+def test_a_request_from_the_cache_restarted_with_a_burst_reports_no_cached_tokens():
+    import threading
+
+    loop, og = cached_loop()
+    ask(loop, [10, 40, 41, 42, 43])
+    og.gate = threading.Event()  # the next request takes that generator, then waits at its first step
+    young: queue.SimpleQueue = queue.SimpleQueue()
+    loop.submit(GenerationRequest([10, 40, 41, 42, 44], 20), young.put)
+    while not og.rewinds:
+        threading.Event().wait(0.001)
+    later = [queue.SimpleQueue() for _ in range(2)]
+    for box in later:
+        loop.submit(GenerationRequest([11, 50, 51, 52, 53, 54], 20), box.put)
+    threading.Event().wait(0.05)  # older than GATHER_S when the young request's step ends
+    og.gate.set()
+    events = collect(young)
+    # Restarted with the burst, its whole prompt was computed again: nothing came from the cache.
+    assert loop.merges == 1 and text(events) == "Madrid. Next" and events[-1].cached_tokens == 0

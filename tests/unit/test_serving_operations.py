@@ -336,3 +336,18 @@ def test_prompt_cache_hits_reach_usage_and_metrics():
     text = c.get("/metrics").text
     assert 'phi3mlflow:prefix_cache_queries_total{model_version="chat/1"} 17.0' in text
     assert 'phi3mlflow:prefix_cache_hits_total{model_version="chat/1"} 6.0' in text
+
+
+def test_the_prompt_cache_flag_reaches_the_onnx_models_loop():
+    from types import SimpleNamespace
+
+    from phi3mlflow.serve.backends import OnnxBackend
+    from phi3mlflow.serve.cli import parse_args
+    from tests.unit.test_batching_worker import make
+
+    assert parse_args(["models:/m@a"]).prompt_cache is True
+    assert parse_args(["models:/m@a", "--prompt-cache", "false"]).prompt_cache is False
+    for on in (True, False):
+        loop, _ = make()
+        OnnxBackend(SimpleNamespace(chat=SimpleNamespace(context_length=256, batcher=loop)), on)
+        assert loop.prompt_cache is on

@@ -216,7 +216,7 @@ class _Cached:
     generator: Any
     max_length: int
     kv_bytes: int
-    proven: bool  # its request itself took half its prompt or more from the cache: its prompt comes back
+    proven: bool  # its request took PROVEN_SHARE or more of what it could from the cache: its prompt comes back
 
 
 class BatchLoop:
@@ -629,7 +629,7 @@ class BatchLoop:
     def _retire(self, batch: _Batch) -> None:
         """``batch`` has ended: it leaves the running ones, its generator kept in the prompt cache
         when it may be reused (beyond PROMPT_CACHE_SLOTS, the least recently used one goes, of
-        those never reused if any)."""
+        those never proven if any)."""
         if batch in self._active:
             self._active.remove(batch)
         generator, batch.generator = batch.generator, None
